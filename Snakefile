@@ -1,0 +1,36 @@
+# dinoflow: the single source of truth for the workflow DAG.
+#
+#   snakemake --cores 2                                   # run everything on this machine
+#   snakemake --profile workflow/profiles/slurm           # submit every job to SLURM
+#   dinoflow export-dvc && dvc repro                      # the same DAG through DVC (dvc.yaml is generated)
+#
+# params.yaml is the config; each rule calls one `dinoflow <stage>` command and declares as `params:` exactly the
+# params.yaml sections that stage reads, so editing a parameter re-runs exactly those rules (and what depends on
+# their outputs). Output paths come from dinoflow.paths so they are spelled in one place.
+
+from snakemake.utils import min_version, validate
+
+min_version("8.10")
+
+configfile: "params.yaml"
+
+
+validate(config, "workflow/schemas/params.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+# Cheap steps run on the submitting host even under the SLURM profile.
+localrules:
+    all,
+
+
+rule all:
+    input:
+        paths.REPORT_HTML,
+        paths.REPORT_METRICS,

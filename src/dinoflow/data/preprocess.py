@@ -1,0 +1,383 @@
+"""`dinoflow preprocess`: every `ok` image of the manifest → RGB, 256 px, stored in Parquet shards.
+
+Geometry (the same for every image): EXIF orientation applied, then
+- `crop` (default): short side resized to `size`, centre crop to `size`×`size`;
+- `pad`: long side resized to `size` (the whole image stays visible), centred on a `size`×`size` canvas of
+  `pad_color`.
+Colour: CMYK, palette, 16-bit and grey images become 8-bit RGB; transparent pixels are composited on white.
+The same `open_rgb` is used by ingest, so the notes in the manifest say exactly what happens here.
+
+Storage — why Parquet shards of encoded bytes (`shard-00000.parquet`, … with columns `id`, `image`, `width`,
+`height`) and not one file per image: at 47k–1M images a folder of files is what makes DVC slow (it hashes,
+stats and caches every file separately, and `dvc push`/`pull` move them one request at a time), and reading many
+small files is bound by file-system metadata. A shard of 4,096 images is one DVC object, and a reader opens
+it once (memory-mapped) and slices bytes out of it. Parquet (rather than tar / WebDataset) gives random access
+by row, which the evaluation stages need (neighbour grids, attention figures), and is already a dependency.
+Images stay encoded (WebP q90 by default, ~10-20 KB at 256 px) so 1M images fit in tens of GB.
+`benchmarks/bench_preprocess.py` measures both throughput and the file-per-image vs shard trade-off; its
+results are in `benchmarks/results/preprocess.md`.
+
+`paths.PROCESSED_INDEX` maps each id to (shard, row); its order (manifest order of ok rows) is the image
+order every later stage uses. Read them with `dinoflow.data.store.ImageStore`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+from tqdm import tqdm
+
+from dinoflow import paths
+from dinoflow.errors import DinoflowError
+from dinoflow.utils import get_logger, write_json
+
+log = get_logger("dinoflow.preprocess")
+
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white (as the demo emoji are)
+FORMATS = {"webp": "WEBP", "jpeg": "JPEG", "png": "PNG"}
+SHARD_PATTERN = "shard-{:05d}.parquet"
+ROW_GROUP_SIZE = 256  # rows per Parquet row group inside a shard: small reads without reading a whole shard
+_EXIF_ORIENTATION = 0x0112
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoding (shared with ingest)
+
+
+@contextlib.contextmanager
+def _no_pillow_bomb_check():
+    """We apply our own pixel limit (ingest.max_pixels) from the header, so Pillow's global one is lifted while
+    we open a file (its default would refuse some images before we can report them properly)."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _png_bit_depth(im: Image.Image) -> int | None:
+    """Bit depth from the PNG header: Pillow silently reduces 16-bit RGB(A) PNGs to 8 bits."""
+    if im.format != "PNG" or im.fp is None:
+        return None
+    pos = im.fp.tell()
+    try:
+        im.fp.seek(24)
+        depth = im.fp.read(1)
+    finally:
+        im.fp.seek(pos)
+    return depth[0] if depth else None
+
+
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """Width and height as displayed (EXIF orientations 5-8 swap the axes)."""
+    w, h = im.size
+    return (h, w) if im.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
+
+
+def to_rgb(im: Image.Image, notes: list[str] | None = None) -> Image.Image:
+    """Any Pillow mode → 8-bit RGB; appends what was converted to `notes` (it becomes the manifest `note`)."""
+    notes = [] if notes is None else notes
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # 16-bit (or 32-bit) grey: keep the high byte, as Pillow does for 16-bit RGB PNGs. convert("L") would
+        # clip everything above 255 to white instead.
+        arr = np.asarray(im)
+        if mode == "F":
+            arr8 = np.clip(arr, 0, 255).astype(np.uint8)
+            notes.append("float->8bit")
+        else:
+            arr8 = (np.clip(arr.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+            notes.append("16bit->8bit")
+        return Image.fromarray(arr8, "L").convert("RGB")
+    if mode == "P":
+        if "transparency" in im.info:
+            im, mode = im.convert("RGBA"), "RGBA"
+            notes.append("palette->rgb")
+        else:
+            notes.append("palette->rgb")
+            return im.convert("RGB")
+    if mode in _ALPHA_MODES:
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        notes.append("alpha->white")
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if mode == "CMYK":
+        notes.append("cmyk->rgb")
+        return im.convert("RGB")
+    notes.append("gray->rgb" if mode in ("L", "1") else f"{mode.lower()}->rgb")
+    return im.convert("RGB")
+
+
+def open_rgb(path: str | os.PathLike,
+             draft_size: tuple[int, int] | Callable[[int, int], tuple[int, int]] | None = None,
+             max_pixels: int | None = None) -> tuple[Image.Image, list[str], tuple[int, int]]:
+    """Decode an image upright in RGB. Returns (image, notes, original upright size).
+
+    draft_size: for JPEGs, let libjpeg decode at 1/2, 1/4 or 1/8 scale as long as the result stays at least this
+    large (DCT scaling is far faster than decoding at full size and then resizing); a callable gets the stored
+    (width, height) and returns that size. max_pixels: raise
+    `PixelLimitError` from the header, before anything is decoded.
+    """
+    with _no_pillow_bomb_check():
+        im = Image.open(path)
+    try:
+        w, h = im.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise PixelLimitError(w, h, max_pixels)
+        size = upright_size(im)
+        notes: list[str] = []
+        if _png_bit_depth(im) == 16 and im.mode in ("RGB", "RGBA"):
+            notes.append("16bit->8bit")
+        if draft_size is not None and im.format == "JPEG":
+            im.draft(im.mode, draft_size(w, h) if callable(draft_size) else draft_size)
+        im.load()
+        if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            im = ImageOps.exif_transpose(im)
+            notes.append("exif-rotated")
+        return to_rgb(im, notes), notes, size
+    finally:
+        im.close()
+
+
+class PixelLimitError(ValueError):
+    def __init__(self, width: int, height: int, limit: int):
+        super().__init__(f"{width}x{height} = {width * height:,} pixels is over ingest.max_pixels = {limit:,} "
+                         "(possible decompression bomb)")
+        self.width, self.height = width, height
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Geometry and encoding
+
+
+def draft_request(width: int, height: int, size: int, mode: str) -> tuple[int, int]:
+    """The smallest decoded size that still gives a full-quality `size` result (for JPEG draft mode)."""
+    scale = size / (min(width, height) if mode == "crop" else max(width, height))
+    return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
+
+
+def fit(im: Image.Image, size: int, mode: str = "crop", pad_color: Sequence[int] = BACKGROUND) -> Image.Image:
+    """Resize and crop (or pad) an RGB image to `size`×`size` (see the module docstring)."""
+    w, h = im.size
+    if mode == "crop":
+        side = min(w, h)
+        scale = size / side
+        # Crop box in source pixels (floats allowed): the centred square the output covers. Resizing only that
+        # box in one call is equivalent to resize-then-crop and skips resampling pixels we would throw away.
+        left, top = (w - side) / 2, (h - side) / 2
+        return im.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side),
+                         reducing_gap=None if scale > 1 / 3 else 3.0)
+    if mode == "pad":
+        scale = size / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        small = im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=None if scale > 1 / 3 else 3.0)
+        canvas = Image.new("RGB", (size, size), tuple(int(c) for c in pad_color))
+        canvas.paste(small, ((size - nw) // 2, (size - nh) // 2))
+        return canvas
+    raise DinoflowError(f"preprocess.mode: {mode!r} is not one of crop, pad")
+
+
+def encode(im: Image.Image, fmt: str = "webp", quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "png":
+        im.save(buf, "PNG", compress_level=6)
+    elif fmt == "jpeg":
+        im.save(buf, "JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+    elif fmt == "webp":
+        # method 4 is Pillow's default speed/size trade-off; method 6 is ~2x slower for a few % smaller files.
+        im.save(buf, "WEBP", quality=quality, method=4)
+    else:
+        raise DinoflowError(f"preprocess.format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    return buf.getvalue()
+
+
+def process_image(path: str, size: int = 256, mode: str = "crop", pad_color: Sequence[int] = BACKGROUND,
+                  fmt: str = "webp", quality: int = 90) -> bytes:
+    """One image: decode (JPEG draft where it helps) → upright RGB → fit → encoded bytes."""
+    im, _, _ = open_rgb(path, draft_size=lambda w, h: draft_request(w, h, size, mode))
+    return encode(fit(im, size, mode, pad_color), fmt, quality)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parallel map (ordered, chunked, bounded memory), shared with ingest
+
+
+def resolve_workers(workers: int | None) -> int:
+    """0 / None → every core this process may use."""
+    if workers:
+        return int(workers)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        return os.cpu_count() or 1
+
+
+def _pool_context():
+    # forkserver: no fork of a process that may hold threads (torch, tqdm monitor); spawn where unavailable.
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def parallel_map(fn: Callable[[list], list], items: Sequence[Any], workers: int, chunk_size: int = 64,
+                 desc: str = "", unit: str = "img") -> Iterator[Any]:
+    """Yield fn's results item by item in input order. fn takes a chunk (list) and returns one result per item.
+
+    workers == 1 runs in this process (tests, debugging). Otherwise a process pool gets chunks, with at most
+    4 chunks per worker in flight so that results waiting for an earlier slow chunk cannot fill the memory.
+    """
+    chunks = [list(items[i:i + chunk_size]) for i in range(0, len(items), chunk_size)]
+    bar = tqdm(total=len(items), desc=desc, unit=unit, mininterval=1.0, dynamic_ncols=True)
+    try:
+        if workers <= 1 or len(chunks) <= 1:
+            for chunk in chunks:
+                results = fn(chunk)
+                bar.update(len(chunk))
+                yield from results
+            return
+        with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=_pool_context()) as pool:
+            pending: deque = deque()
+            it: Iterable[list] = iter(chunks)
+            for chunk in it:
+                pending.append((pool.submit(fn, chunk), len(chunk)))
+                if len(pending) >= 4 * workers:
+                    break
+            while pending:
+                future, n = pending.popleft()
+                results = future.result()
+                bar.update(n)
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((pool.submit(fn, nxt), len(nxt)))
+                yield from results
+    finally:
+        bar.close()
+
+
+class _ChunkProcessor:
+    """Picklable callable for the pool: processes a chunk of paths into encoded bytes (or an error)."""
+
+    def __init__(self, size: int, mode: str, pad_color: Sequence[int], fmt: str, quality: int):
+        self.kwargs = dict(size=size, mode=mode, pad_color=tuple(pad_color), fmt=fmt, quality=quality)
+
+    def __call__(self, chunk: list[str]) -> list[tuple[bytes | None, str | None]]:
+        out = []
+        for path in chunk:
+            try:
+                out.append((process_image(path, **self.kwargs), None))
+            except Exception as exc:  # noqa: BLE001 - reported with the id by the caller
+                out.append((None, f"{type(exc).__name__}: {exc}"))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def _shard_table(ids: list[str], blobs: list[bytes], size: int):
+    import pyarrow as pa
+
+    n = len(ids)
+    return pa.table({
+        "id": pa.array(ids, pa.string()),
+        "image": pa.array(blobs, pa.binary()),
+        "width": pa.array(np.full(n, size, np.int32)),
+        "height": pa.array(np.full(n, size, np.int32)),
+    })
+
+
+def write_shards(records: Iterable[tuple[str, bytes]], out_dir: str | Path, shard_size: int, size: int,
+                 fmt: str) -> list[tuple[str, int, int]]:
+    """Stream (id, encoded bytes) records into Parquet shards; returns the index rows (id, shard, row)."""
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("shard-*.parquet"):  # a rerun with fewer images must not leave stale shards
+        old.unlink()
+    index: list[tuple[str, int, int]] = []
+    buf_ids: list[str] = []
+    buf_blobs: list[bytes] = []
+    shard = 0
+
+    def flush() -> None:
+        nonlocal shard
+        table = _shard_table(buf_ids, buf_blobs, size)
+        table = table.replace_schema_metadata({"format": fmt, "size": str(size)})
+        # Images are already compressed: Parquet compression would only cost CPU.
+        pq.write_table(table, out_dir / SHARD_PATTERN.format(shard), compression="none",
+                       row_group_size=ROW_GROUP_SIZE, use_dictionary=["id"], write_statistics=False)
+        index.extend((i, shard, r) for r, i in enumerate(buf_ids))
+        buf_ids.clear()
+        buf_blobs.clear()
+        shard += 1
+
+    for image_id, blob in records:
+        buf_ids.append(image_id)
+        buf_blobs.append(blob)
+        if len(buf_ids) >= shard_size:
+            flush()
+    if buf_ids:
+        flush()
+    return index
+
+
+def main(params: dict[str, Any], **_: Any) -> None:
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg = params["preprocess"]
+    size, mode, fmt = int(cfg["size"]), cfg.get("mode", "crop"), cfg.get("format", "webp")
+    if mode not in ("crop", "pad"):
+        raise DinoflowError(f"preprocess.mode: {mode!r} is not one of crop, pad")
+    if fmt not in FORMATS:
+        raise DinoflowError(f"preprocess.format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    if not Path(paths.MANIFEST).exists():
+        raise DinoflowError(f"{paths.MANIFEST}: manifest not found (run `dinoflow ingest` first)")
+    manifest = pq.read_table(paths.MANIFEST, columns=["id", "path", "status"]).to_pandas()
+    ok = manifest[manifest["status"] == "ok"]
+    if ok.empty:
+        raise DinoflowError(f"{paths.MANIFEST}: no rows with status ok, nothing to preprocess")
+    images_dir = Path(params["collection"]["images_dir"])
+    ids = ok["id"].astype(str).tolist()
+    files = [str(images_dir / p) for p in ok["path"]]
+    workers = resolve_workers(cfg.get("workers", 0))
+    log.info("preprocess: %d images from %s → %d px (%s, %s q%s), %d worker(s)", len(ids), images_dir, size,
+             mode, fmt, cfg.get("quality", 90), workers)
+
+    failures: list[str] = []
+    processor = _ChunkProcessor(size, mode, cfg.get("pad_color", BACKGROUND), fmt, int(cfg.get("quality", 90)))
+
+    def records() -> Iterator[tuple[str, bytes]]:
+        results = parallel_map(processor, files, workers, chunk_size=32, desc="preprocess")
+        for image_id, path, (blob, error) in zip(ids, files, results):
+            if error is None:
+                yield image_id, blob
+            else:
+                # Ingest decoded this file earlier: failing now means it changed on disk since.
+                failures.append(f"{image_id} ({path}): {error}")
+
+    index_rows = write_shards(records(), paths.PROCESSED_DIR, int(cfg["shard_size"]), size, fmt)
+    if failures:
+        raise DinoflowError(f"preprocess: {len(failures)} image(s) that ingest accepted could not be processed "
+                            f"(rerun `dinoflow ingest`): " + "; ".join(failures[:5]))
+    index = pd.DataFrame(index_rows, columns=["id", "shard", "row"])
+    Path(paths.PROCESSED_INDEX).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pandas(index.astype({"shard": "int32", "row": "int32"}), preserve_index=False),
+                   paths.PROCESSED_INDEX)
+    log.info("preprocess: wrote %d images in %d shard(s) to %s, index %s", len(index),
+             index["shard"].nunique(), paths.PROCESSED_DIR, paths.PROCESSED_INDEX)

@@ -28,6 +28,8 @@ include: "workflow/rules/report.smk"
 # Cheap steps run on the submitting host even under the SLURM profile.
 localrules:
     all,
+    grids,
+    report,
 
 
 rule all:

@@ -97,7 +97,8 @@ def _read_parquet(path: Path) -> pd.DataFrame:
             try:
                 col.validate(full=True)  # checks UTF-8, which Parquet writers do not always guarantee
             except pa.ArrowInvalid:
-                col = col.cast(pa.large_binary()) if pa.types.is_large_string(col.type) else col.view(pa.binary())
+                binary = pa.large_binary() if pa.types.is_large_string(col.type) else pa.binary()
+                col = pa.chunked_array([chunk.view(binary) for chunk in col.chunks], binary)
         if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
             out[name] = pd.Series([None if v is None else v.decode("utf-8", "surrogateescape")
                                    for v in col.to_pylist()], dtype=object)

@@ -138,19 +138,21 @@ def open_rgb(path: str | os.PathLike,
         w, h = im.size
         if max_pixels is not None and w * h > max_pixels:
             raise PixelLimitError(w, h, max_pixels)
-        size = upright_size(im)
         notes: list[str] = []
+        # Before anything else reads the file (a PNG's getexif() loads the image and closes it).
         if _png_bit_depth(im) == 16 and im.mode in ("RGB", "RGBA"):
             notes.append("16bit->8bit")
+        size = upright_size(im)
         if draft_size is not None and im.format == "JPEG":
             im.draft(im.mode, draft_size(w, h) if callable(draft_size) else draft_size)
-        im.load()
+        im.load()  # Pillow closes the file after loading a single-frame image opened by name
         if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
             im = ImageOps.exif_transpose(im)
             notes.append("exif-rotated")
         return to_rgb(im, notes), notes, size
-    finally:
+    except BaseException:
         im.close()
+        raise
 
 
 class PixelLimitError(ValueError):

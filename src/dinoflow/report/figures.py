@@ -65,7 +65,7 @@ def model_row_title(name: str, info: Mapping[str, Any] | None) -> str:
     """The row label of a model in every figure; a stand-in model says so (its `stand_in_label`)."""
     if info and info.get("stand_in"):
         label = info.get("stand_in_label") or "stand-in"
-        return f"{name}\n[{wrap_text(label, width=28, max_lines=3)}]"
+        return f"{name}\n[{wrap_text(label, width=30, max_lines=4)}]"
     return name
 
 

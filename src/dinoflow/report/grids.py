@@ -131,7 +131,7 @@ def grid_figure(query_id: str, rows: Sequence[tuple[str, list[tuple[str, float]]
                 get_image: Callable[[str], Any], captions: Mapping[str, str]) -> "Figure":
     """One row per model: the query, then its neighbours with score and caption below each image."""
     ncols = 1 + k
-    fig = new_figure(1.9 * ncols + 0.8, 2.75 * len(rows) + 0.5)
+    fig = new_figure(1.9 * ncols + 0.8, 2.45 * len(rows) + 0.6)
     axes = fig.subplots(len(rows), ncols, squeeze=False)
     query_img = get_image(query_id)
     for r, (title, neigh) in enumerate(rows):
@@ -155,10 +155,10 @@ def grid_figure(query_id: str, rows: Sequence[tuple[str, list[tuple[str, float]]
                 hide_axes(ax)
                 if c == 1:
                     ax.text(0.05, 0.5, "no neighbours", transform=ax.transAxes, fontsize=8)
+    height = fig.get_figheight()
     fig.suptitle(f"nearest neighbours of {wrap_text(query_id, 60, 1)} (cosine, top {k})", fontsize=11,
-                 parse_math=False)
-    fig.subplots_adjust(left=0.07, right=0.99, top=1 - 0.45 / fig.get_figheight(), bottom=0.02,
-                        wspace=0.08, hspace=0.55)
+                 parse_math=False, y=1 - 0.1 / height, va="top")
+    fig.subplots_adjust(left=0.07, right=0.99, top=1 - 0.6 / height, bottom=0.35 / height, wspace=0.08, hspace=0.42)
     return fig
 
 

@@ -9,6 +9,7 @@ Example:
     torch.Size([5, 64])
     >>> logits.sum().backward()
     >>> cancel_last_layer_gradients(head, epoch=0, freeze_last_layer_epochs=1)  # first epoch: prototypes frozen
+    1
     >>> all(p.grad is None for p in head.last_layer.parameters())
     True
 """

@@ -1,0 +1,176 @@
+"""Cosine top-k neighbours of every image (itself excluded), per model.
+
+Up to `neighbours.exact_max_n` images: exact search by blocked matrix products (a block of query rows against
+all vectors, `np.argpartition` per row), so memory stays O(block x N), never N x N. Above it: a FAISS index on
+L2-normalised vectors with inner-product metric (HNSW by default; `neighbours.faiss_index` may say `ivf` or `flat`).
+`benchmarks/bench_neighbours.py` measures the FAISS path's recall@10 against exact search.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from dinoflow import paths
+from dinoflow.errors import DinoflowError
+from dinoflow.evaluate.vectors import l2_normalize, read_vectors, read_vectors_metadata
+from dinoflow.utils import get_logger
+
+log = get_logger(__name__)
+
+# A block of similarities is at most this many float32 values (256 MiB), whatever block_size says, so that
+# N x block_size never outgrows memory for large N.
+MAX_BLOCK_ELEMENTS = 1 << 26
+FAISS_INDEXES = ("hnsw", "ivf", "flat")
+
+
+def _block_rows(n: int, block_size: int) -> int:
+    return int(max(1, min(block_size, MAX_BLOCK_ELEMENTS // max(n, 1))))
+
+
+def _topk_rows(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k column indices and values per row, sorted by score descending (ties: lower index first)."""
+    if k < sims.shape[1]:
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(sims.shape[1]), sims.shape).copy()
+    vals = np.take_along_axis(sims, part, axis=1)
+    order = np.lexsort((part, -vals), axis=1)  # last key is primary: score descending, then index
+    return np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)
+
+
+def exact_topk(x: np.ndarray, k: int, block_size: int = 4096, queries: np.ndarray | None = None,
+               exclude_self: bool = True, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine top-k of each row of `x` (or of `queries`) among the rows of `x`.
+
+    Returns (indices (Q, k) int64, scores (Q, k) float32), sorted by score descending. With `exclude_self`
+    (only when queries is None) row i never lists itself. `x` must be L2-normalised already.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    q = x if queries is None else np.ascontiguousarray(queries, dtype=np.float32)
+    self_mode = queries is None and exclude_self
+    n = x.shape[0]
+    k = _check_k(k, n - (1 if self_mode else 0))
+    rows = _block_rows(n, block_size)
+    out_idx = np.empty((q.shape[0], k), dtype=np.int64)
+    out_val = np.empty((q.shape[0], k), dtype=np.float32)
+    starts = range(0, q.shape[0], rows)
+    for start in tqdm(starts, desc="exact top-k", unit="block", disable=not progress):
+        stop = min(start + rows, q.shape[0])
+        sims = q[start:stop] @ x.T
+        if self_mode:
+            sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf
+        idx, val = _topk_rows(sims, k)
+        out_idx[start:stop], out_val[start:stop] = idx, val
+    return out_idx, out_val
+
+
+def faiss_topk(x: np.ndarray, k: int, index: str = "hnsw", seed: int = 0, hnsw_m: int = 32,
+               ef_search: int | None = None, nlist: int | None = None, nprobe: int | None = None,
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate cosine top-k of every row of `x` among the others with a FAISS index (x L2-normalised).
+
+    Searches k + 1 and drops the row itself (or, if the index missed it, the last hit), so the result has the
+    same shape and order as `exact_topk`.
+    """
+    import faiss
+
+    if index not in FAISS_INDEXES:
+        raise DinoflowError(f"neighbours.faiss_index: {index!r} is not one of {', '.join(FAISS_INDEXES)}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    k = _check_k(k, n - 1)
+    kk = min(k + 1, n)
+    if index == "flat":
+        idx = faiss.IndexFlatIP(d)
+    elif index == "hnsw":
+        idx = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        idx.hnsw.efConstruction = max(40, 2 * hnsw_m)
+        idx.hnsw.efSearch = ef_search or max(64, 4 * kk)
+    else:
+        nlist = nlist or int(max(1, min(4 * np.sqrt(n), n // 39)))  # >= 39 training points per centroid
+        quantizer = faiss.IndexFlatIP(d)
+        idx = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        idx.cp.seed = seed
+        idx.train(x)
+        idx.nprobe = nprobe or max(1, min(nlist, 16))
+    idx.add(x)
+    log.info("FAISS %s index on %d x %d vectors: searching top-%d", index, n, d, k)
+    scores, ids = idx.search(x, kk)
+    return _drop_self(ids.astype(np.int64), scores.astype(np.float32), k)
+
+
+def _drop_self(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove row i from row i's hits (keeping k); FAISS marks missing hits with -1, kept as such."""
+    n = ids.shape[0]
+    is_self = ids == np.arange(n)[:, None]
+    # Rows where the index did not return the query itself drop their last (weakest) hit instead.
+    missing = ~is_self.any(axis=1)
+    is_self[missing, -1] = True
+    # If several hits equal the query id (cannot happen in FAISS, but be safe) keep only the first as "self".
+    first = np.argmax(is_self, axis=1)
+    keep = np.ones_like(is_self)
+    keep[np.arange(n), first] = False
+    ids = ids[keep].reshape(n, -1)[:, :k]
+    scores = scores[keep].reshape(n, -1)[:, :k]
+    return ids, scores
+
+
+def _check_k(k: int, available: int) -> int:
+    if k < 1:
+        raise DinoflowError(f"neighbours.k: must be >= 1, got {k}")
+    if available < 1:
+        raise DinoflowError("neighbours: need at least 2 images to search neighbours")
+    if k > available:
+        log.warning("neighbours.k=%d but only %d other images: using k=%d", k, available, available)
+    return min(k, available)
+
+
+def topk_neighbours(x: np.ndarray, k: int, cfg: dict[str, Any], seed: int = 0,
+                    progress: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+    """Top-k of every row among the others, exact or FAISS as `cfg` (the `neighbours` params) decides.
+
+    Normalises `x`. Returns (indices, scores, method) with method "exact" or "faiss-<index>".
+    """
+    x = l2_normalize(x)
+    if x.shape[0] <= int(cfg["exact_max_n"]):
+        idx, val = exact_topk(x, k, block_size=int(cfg["block_size"]), progress=progress)
+        return idx, val, "exact"
+    index = cfg.get("faiss_index", "hnsw")
+    idx, val = faiss_topk(x, k, index=index, seed=seed)
+    return idx, val, f"faiss-{index}"
+
+
+def neighbours_table(ids: np.ndarray, idx: np.ndarray, scores: np.ndarray) -> pa.Table:
+    """Long table: query_id, rank (1 = nearest), neighbour_id, score. FAISS misses (-1) are left out."""
+    n, k = idx.shape
+    valid = idx >= 0
+    ids = np.asarray(ids, dtype=object)
+    query = np.repeat(ids, k).reshape(n, k)[valid]
+    rank = np.broadcast_to(np.arange(1, k + 1, dtype=np.int16), (n, k))[valid]
+    neigh = ids[np.where(valid, idx, 0)][valid]
+    return pa.table({"query_id": pa.array(query, type=pa.string()), "rank": pa.array(rank),
+                     "neighbour_id": pa.array(neigh, type=pa.string()),
+                     "score": pa.array(scores[valid].astype(np.float32))})
+
+
+def main(params: dict[str, Any], model: str) -> None:
+    """`dinoflow neighbours --model M`: embeddings/M.parquet (CLS) -> neighbours/M.parquet."""
+    cfg = params["neighbours"]
+    src = paths.embeddings(model)
+    ids, x = read_vectors(src, "cls")
+    idx, scores, method = topk_neighbours(x, int(cfg["k"]), cfg, seed=int(params["seed"]), progress=True)
+    table = neighbours_table(ids, idx, scores)
+    meta = read_vectors_metadata(src)
+    meta.update({"neighbours_method": method, "k": int(idx.shape[1]), "embedding_column": "cls"})
+    table = table.replace_schema_metadata({b"dinoflow": json.dumps(meta, sort_keys=True, default=str).encode()})
+    out = paths.neighbours(model)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out)
+    log.info("%s: top-%d neighbours of %d images (%s) -> %s", model, idx.shape[1], len(ids), method, out)

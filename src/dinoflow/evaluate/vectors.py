@@ -1,0 +1,81 @@
+"""Parquet files of vectors (image and text embeddings): `id` plus fixed-size float32 list columns.
+
+One writer and one reader, used by `embed`, `embed-text`, `neighbours`, `align`, `probes` and the report, so the
+layout is spelled in one place. Provenance (model name, weights source, stand-in label, params hash, counts) goes
+into the Parquet schema metadata as JSON under the key `dinoflow`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dinoflow.errors import DinoflowError
+
+METADATA_KEY = b"dinoflow"
+
+
+def write_vectors(path: str | Path, ids: list[str] | np.ndarray, columns: Mapping[str, np.ndarray],
+                  metadata: Mapping[str, Any]) -> None:
+    """Write `id` and one FixedSizeList<float32> column per entry of `columns` (each (N, D))."""
+    path = Path(path)
+    ids = [str(i) for i in ids]
+    arrays: list[pa.Array] = [pa.array(ids, type=pa.string())]
+    names = ["id"]
+    for name, mat in columns.items():
+        mat = np.ascontiguousarray(mat, dtype=np.float32)
+        if mat.ndim != 2 or mat.shape[0] != len(ids):
+            raise DinoflowError(f"{path}: column {name!r} has shape {mat.shape}, expected ({len(ids)}, D)")
+        flat = pa.array(mat.reshape(-1), type=pa.float32())
+        arrays.append(pa.FixedSizeListArray.from_arrays(flat, mat.shape[1]))
+        names.append(name)
+    table = pa.Table.from_arrays(arrays, names=names)
+    meta = {METADATA_KEY: json.dumps(dict(metadata), sort_keys=True, default=str).encode()}
+    # Also the plain string fields, so `parquet-tools meta` shows the provenance without decoding JSON.
+    for key, value in metadata.items():
+        if isinstance(value, (str, int, float, bool)):
+            meta[str(key).encode()] = str(value).encode()
+    table = table.replace_schema_metadata(meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)  # atomic: a crashed run never leaves a half-written output for Snakemake to trust
+
+
+def read_vectors(path: str | Path, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids as an object array of str, (N, D) float32 matrix) of one vector column."""
+    path = Path(path)
+    if not path.exists():
+        raise DinoflowError(f"{path}: file not found (run the stage that writes it first)")
+    try:
+        table = pq.read_table(path, columns=["id", column])
+    except (KeyError, pa.ArrowInvalid) as exc:
+        names = pq.read_schema(path).names
+        raise DinoflowError(f"{path}: no vector column {column!r} (columns: {', '.join(names)})") from exc
+    col = table.column(column).combine_chunks()
+    if not pa.types.is_fixed_size_list(col.type) or col.type.value_type != pa.float32():
+        raise DinoflowError(f"{path}: column {column!r} has type {col.type}, expected fixed_size_list<float32>")
+    dim = col.type.list_size
+    values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+    return ids, values.reshape(len(ids), dim)
+
+
+def read_vectors_metadata(path: str | Path) -> dict[str, Any]:
+    """The provenance dict written by `write_vectors`."""
+    meta = pq.read_schema(path).metadata or {}
+    if METADATA_KEY not in meta:
+        raise DinoflowError(f"{path}: no dinoflow metadata in the Parquet schema (not written by dinoflow?)")
+    return json.loads(meta[METADATA_KEY].decode())
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32), so that dot products are cosine similarities."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, eps)

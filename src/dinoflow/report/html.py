@@ -1,0 +1,477 @@
+"""`dinoflow report`: reports/index.html (one self-contained page) and reports/metrics.json.
+
+Everything shown is read from the stage outputs (manifest, dvclive logs, metrics JSON, figures); a missing
+optional input becomes a "not run: <reason>" note instead of an error. The page has no script and makes no
+request: CSS is inline, images are base64 `data:` URIs, and a Content-Security-Policy forbids anything else.
+All text is escaped by Jinja2's autoescaping, including everything that comes from the collection.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+from dinoflow import paths
+from dinoflow.config import model_config, model_names, params_hash
+from dinoflow.errors import DinoflowError
+from dinoflow.report import figures as F
+from dinoflow.report.grids import GRID_QUERIES, caption_of, read_model_info
+from dinoflow.utils import get_logger, read_json, write_json
+
+log = get_logger(__name__)
+
+REPORT_FIGURES_DIR = "reports/figures/report"  # figures drawn by this stage (also inlined in the page)
+TEXT_METRICS = "metrics/text.json"
+ATTENTION_QUERIES = f"{paths.ATTENTION_DIR}/queries.json"
+
+# Alignment keys shown with a name of their own; any other number in a field's dict is shown too.
+ALIGN_KEYS = {"spearman": "Spearman [95% CI]", "mantel_p": "Mantel p", "mean_query_spearman": "mean per-query Spearman",
+              "mutual_knn": "mutual kNN", "n_items": "items", "n_pairs": "pairs"}
+LOWER_IS_BETTER = ("mantel_p", "p_value")
+NOT_COMPARED = ("n_items", "n_pairs", "n_train", "n_test", "n_classes", "k", "n_bootstrap", "n_permutations", "ci_low",
+                "ci_high", "seed")
+PROBE_SCORES = ("top1", "top5")
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def file_data_uri(path: str | Path) -> str:
+    path = Path(path)
+    mime = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+            ".svg": "image/svg+xml"}.get(path.suffix.lower())
+    if mime is None:
+        raise DinoflowError(f"{path}: cannot inline a {path.suffix or 'suffix-less'} file as an image")
+    return data_uri(path.read_bytes(), mime)
+
+
+def figure_uri(fig, save_as: str | Path | None = None) -> str:
+    """Inline a figure (and keep a copy on disk for `snakemake --report` / `dvc plots`)."""
+    png = F.figure_to_png(fig)
+    if save_as is not None:
+        Path(save_as).parent.mkdir(parents=True, exist_ok=True)
+        Path(save_as).write_bytes(png)
+    return data_uri(png)
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    """Numbers as the page shows them: integers as is, p-values and small numbers in 3 significant digits."""
+    if v is None:
+        return "–"
+    if isinstance(v, bool) or not is_number(v):
+        return str(v)
+    if isinstance(v, int) or (float(v).is_integer() and abs(v) >= 1000):
+        return str(int(v))
+    if math.isnan(v):
+        return "nan"
+    if v != 0 and abs(v) < 10 ** -(digits - 1):
+        return f"{v:.{digits}g}"
+    return f"{v:.{digits}f}"
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Numeric leaves of nested dicts as {"a.b.c": value} (lists, strings and booleans left out)."""
+    out: dict[str, Any] = {}
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif is_number(obj) and not (isinstance(obj, float) and math.isnan(obj)):
+        out[prefix] = obj
+    return out
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("._") or "x"
+
+
+# ------------------------------------------------------------------------------------------------ collection
+def collection_section(manifest_path: str | Path, label_columns: Sequence[str]) -> dict[str, Any]:
+    path = Path(manifest_path)
+    if not path.exists():
+        return {"ok": False, "reason": f"{path} not found (run `dinoflow ingest`)"}
+    df = pd.read_parquet(path)
+    if "status" not in df.columns:
+        raise DinoflowError(f"{path}: manifest lacks the 'status' column")
+    ok = df[df["status"] == "ok"]
+    skipped = []
+    for status, part in df[df["status"] != "ok"].groupby("status", sort=True):
+        examples = [{"row": r.get("row", "?"), "id": r.get("id", "?"), "detail": r.get("detail", "")}
+                    for r in part.head(3).to_dict("records")]
+        skipped.append({"status": status, "count": int(len(part)), "examples": examples})
+    skipped.sort(key=lambda s: -s["count"])
+
+    def has_text(v) -> bool:
+        return isinstance(v, str) and bool(v.strip())
+
+    n_caption = int(ok["caption"].map(has_text).sum()) if "caption" in ok else 0
+    n_keywords = int(ok["keywords"].map(lambda v: v is not None and not isinstance(v, float) and len(v) > 0).sum()) \
+        if "keywords" in ok else 0
+    label_classes = [(c, int(ok[c].dropna().nunique())) for c in label_columns if c in ok.columns]
+    notes = []
+    if "note" in ok.columns:
+        counts: dict[str, int] = {}
+        for note in ok["note"].dropna():
+            for part in str(note).replace(";", ",").split(","):
+                if part.strip():
+                    counts[part.strip()] = counts.get(part.strip(), 0) + 1
+        notes = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return {"ok": True, "n_rows": int(len(df)), "n_ok": int(len(ok)), "n_skipped": int(len(df) - len(ok)),
+            "n_caption": n_caption, "n_keywords": n_keywords, "label_classes": label_classes, "skipped": skipped,
+            "notes": notes, "captions": {str(r["id"]): caption_of(r) for r in ok.to_dict("records")}}
+
+
+# ------------------------------------------------------------------------------------------------- training
+def trains(params: dict[str, Any], model: str) -> bool:
+    return model_config(params, model).get("method", "none") != "none"
+
+
+def is_finetune(params: dict[str, Any], model: str) -> bool:
+    m = model_config(params, model)
+    return m.get("method", "none") != "none" and m.get("init") != "random"
+
+
+def training_section(params: dict[str, Any], fig_dir: Path) -> tuple[list[dict], dict[str, dict]]:
+    """Curves of every model that trains; returns (page entries, {model: curves}) for the fine-tune figure."""
+    entries, all_curves = [], {}
+    for m in model_names(params):
+        if not trains(params, m):
+            continue
+        log_dir = Path(paths.train_log_dir(m))
+        curves = F.read_dvclive_curves(log_dir)
+        if not curves:
+            entries.append({"model": m, "reason": f"no dvclive curves under {log_dir}/plots/metrics "
+                                                  f"(run `dinoflow train --model {m}`)"})
+            continue
+        all_curves[m] = curves
+        fig = F.training_curves_figure(m, curves, title=F.model_row_title(m, read_model_info(m)).replace("\n", " "))
+        final = []
+        summary = log_dir / "metrics.json"
+        if summary.exists():
+            final = [(k, fmt(v, 4)) for k, v in sorted(flatten(read_json(summary)).items())]
+        entries.append({"model": m, "img": figure_uri(fig, fig_dir / f"training_{_slug(m)}.png"), "final": final})
+    return entries, all_curves
+
+
+def finetune_section(params: dict[str, Any], curves: Mapping[str, Mapping], fig_dir: Path) -> dict[str, Any]:
+    """The two fine-tunes' head/backbone curves on one figure: the training stage's figure when it wrote one,
+    else drawn here from the dvclive logs."""
+    if Path(paths.FINETUNE_CURVES_PLOT).exists():
+        return {"img": file_data_uri(paths.FINETUNE_CURVES_PLOT)}
+    fts = [m for m in model_names(params) if is_finetune(params, m)]
+    if not fts:
+        return {"reason": "no model of the list fine-tunes pretrained weights"}
+    have = {m: curves[m] for m in fts if m in curves}
+    series = sorted({n for c in have.values() for n in c if "head" in n.lower() or "backbone" in n.lower()})
+    if not series:
+        return {"reason": f"no head/backbone curves logged for {', '.join(fts)} under metrics/train/"}
+    fig = F.finetune_curves_figure(have, series)
+    return {"img": figure_uri(fig, fig_dir / "finetune_curves.png")}
+
+
+def lr_search_section(params: dict[str, Any], fig_dir: Path, max_rows: int = 50) -> dict[str, Any]:
+    users = [m for m in model_names(params) if trains(params, m) and not is_finetune(params, m)]
+    if not users:
+        return {"ok": False, "reason": "no model of the list trains from scratch, so no learning-rate search ran"}
+    trials_path = Path(paths.LR_SEARCH_TRIALS)
+    if not trials_path.exists():
+        return {"ok": False, "reason": f"{trials_path} not found (run `dinoflow lr-search`)"}
+    trials = pd.read_csv(trials_path)
+    imgs = []
+    if Path(paths.LR_SEARCH_PLOT).exists():
+        imgs.append({"src": file_data_uri(paths.LR_SEARCH_PLOT), "alt": "learning-rate search curves per trial"})
+    lr_col = next((c for c in trials.columns if c.lower() in ("params_lr", "lr", "learning_rate")), None) or \
+        next((c for c in trials.columns if "lr" in c.lower()), None)
+    value_col = next((c for c in trials.columns if c.lower() in ("value", "loss", "final_loss")), None)
+    if lr_col and value_col:
+        imgs.append({"src": figure_uri(F.lr_search_figure(trials, lr_col, value_col), fig_dir / "lr_search_trials.png"),
+                     "alt": "loss against learning rate per trial"})
+    rows = [[fmt(v, 4) if is_number(v) else ("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+             for v in rec] for rec in trials.head(max_rows).itertuples(index=False)]
+    best = []
+    if Path(paths.LR_SEARCH_BEST).exists():
+        best = [(k, fmt(v, 4)) for k, v in sorted(flatten(read_json(paths.LR_SEARCH_BEST)).items())]
+    return {"ok": True, "imgs": imgs, "columns": [str(c) for c in trials.columns], "rows": rows, "best": best}
+
+
+# ------------------------------------------------------------------------------------------------ alignment
+def align_fields(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{text field: its metrics} from a metrics/align/<model>.json: dict entries that hold a `spearman`
+    (either at the top level or under `fields`)."""
+    src = data.get("fields") if isinstance(data.get("fields"), Mapping) else data
+    return {k: dict(v) for k, v in src.items() if isinstance(v, Mapping) and "spearman" in v}
+
+
+def read_align(models: Sequence[str]) -> tuple[dict[str, dict[str, dict]], list[str]]:
+    out, reasons = {}, []
+    for m in models:
+        p = Path(paths.align_metrics(m))
+        if not p.exists():
+            reasons.append(f"alignment of {m}: {p} not found (run `dinoflow align --model {m}`)")
+            continue
+        fields = align_fields(read_json(p))
+        if not fields:
+            reasons.append(f"alignment of {m}: {p} holds no text field (no captions or keywords?)")
+            continue
+        out[m] = fields
+    return out, reasons
+
+
+def alignment_charts(align: Mapping[str, Mapping[str, dict]], fig_dir: Path) -> list[dict[str, str]]:
+    fields = list(dict.fromkeys(f for per in align.values() for f in per))
+    charts = []
+    for field in fields:
+        rows = [{"model": m, **per[field]} for m, per in align.items() if field in per]
+        fig = F.alignment_bar_figure(field, rows)
+        charts.append({"field": field, "img": figure_uri(fig, fig_dir / f"alignment_{_slug(field)}.png")})
+    return charts
+
+
+# --------------------------------------------------------------------------------------------------- probes
+def probe_labels(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{label column: {"knn": {"top1", "top5"}, "linear": {...}, "confusion": {...} | None, ...}} from a
+    metrics/probes/<model>.json. Label entries are dicts holding a `knn` or `linear` dict (at the top level or
+    under `labels`)."""
+    src = data.get("labels") if isinstance(data.get("labels"), Mapping) else data
+    out = {}
+    for label, entry in src.items():
+        if isinstance(entry, Mapping) and any(isinstance(entry.get(c), Mapping) for c in ("knn", "linear")):
+            out[str(label)] = dict(entry)
+    return out
+
+
+def _confusion(entry: Mapping[str, Any]) -> tuple[list, list[str], str] | None:
+    cm = entry.get("confusion_matrix") or entry.get("confusion")
+    if not isinstance(cm, Mapping):
+        return None
+    matrix = cm.get("matrix")
+    classes = cm.get("classes") or cm.get("labels")
+    if matrix is None or classes is None:
+        return None
+    return matrix, [str(c) for c in classes], str(cm.get("classifier") or cm.get("probe") or "")
+
+
+def read_probes(params: dict[str, Any], models: Sequence[str]) -> tuple[dict[str, dict[str, dict]], list[str]]:
+    if not params["collection"].get("label_columns"):
+        return {}, ["probes: the collection has no label column (collection.label_columns is empty)"]
+    out, reasons = {}, []
+    for m in models:
+        p = Path(paths.probe_metrics(m))
+        if not p.exists():
+            reasons.append(f"probes of {m}: {p} not found (run `dinoflow probes --model {m}`)")
+            continue
+        data = read_json(p)
+        labels = probe_labels(data)
+        if not labels:
+            why = data.get("reason") or data.get("skipped") if isinstance(data, Mapping) else None
+            reasons.append(f"probes of {m}: {p} holds no probe result" + (f" ({why})" if why else ""))
+            continue
+        out[m] = labels
+    return out, reasons
+
+
+def probes_section(probes: Mapping[str, Mapping[str, dict]], fig_dir: Path) -> list[dict[str, Any]]:
+    labels = list(dict.fromkeys(l for per in probes.values() for l in per))
+    sections = []
+    for label in labels:
+        models = [m for m in probes if label in probes[m]]
+        columns = [(clf, s) for clf in ("knn", "linear") for s in PROBE_SCORES
+                   if any(is_number((probes[m][label].get(clf) or {}).get(s)) for m in models)]
+        values = {m: [(probes[m][label].get(clf) or {}).get(s) for clf, s in columns] for m in models}
+        best_per_col = [max((values[m][j] for m in models if is_number(values[m][j])), default=None)
+                        for j in range(len(columns))]
+        varies = [len({values[m][j] for m in models}) > 1 for j in range(len(columns))]  # no bold when all tie
+        rows = [{"model": m, "cells": [{"text": fmt(v), "best": is_number(v) and varies[j] and v == best_per_col[j]}
+                                       for j, v in enumerate(values[m])]} for m in models]
+        # The best model: highest top-1 of the linear probe, else of kNN (ties: first in params order).
+        rank_col = next((j for j, c in enumerate(columns) if c == ("linear", "top1")), None)
+        if rank_col is None:
+            rank_col = next((j for j, c in enumerate(columns) if c[1] == "top1"), None)
+        entry: dict[str, Any] = {"label": label, "columns": [f"{clf} {s[:3]}-{s[3:]}" for clf, s in columns],
+                                 "rows": rows}
+        if rank_col is not None and any(is_number(values[m][rank_col]) for m in models):
+            best = max((m for m in models if is_number(values[m][rank_col])), key=lambda m: values[m][rank_col])
+            entry["best_model"] = best
+            entry["best_by"] = f"{columns[rank_col][0]} top-1 {fmt(values[best][rank_col])}"
+            cm = _confusion(probes[best][label])
+            if cm is None:
+                entry["confusion_reason"] = f"no confusion matrix in {paths.probe_metrics(best)} for {label}"
+            else:
+                matrix, classes, clf = cm
+                title = f"{best}, {label}" + (f" ({clf} probe)" if clf else "")
+                fig = F.confusion_matrix_figure(matrix, classes, title)
+                entry["confusion"] = figure_uri(fig, fig_dir / f"confusion_{_slug(label)}.png")
+        sections.append(entry)
+    return sections
+
+
+# ----------------------------------------------------------------------------------------------- comparison
+def comparison_rows(models: Sequence[str], align: Mapping[str, Mapping[str, dict]],
+                    probes: Mapping[str, Mapping[str, dict]]) -> list[dict[str, Any]]:
+    """Rows of the all-models table: one per (text field, metric) and (label, probe, top-k)."""
+    rows: list[dict[str, Any]] = []
+
+    def add(label: str, key: str, values: list[Any], texts: list[str]) -> None:
+        nums = [v for v in values if is_number(v) and not math.isnan(v)]
+        best = None
+        if key not in NOT_COMPARED and len(set(nums)) > 1:  # all equal: nothing to single out
+            best = min(nums) if key in LOWER_IS_BETTER else max(nums)
+        rows.append({"label": label, "cells": [{"text": t, "best": best is not None and v == best}
+                                               for v, t in zip(values, texts)]})
+
+    fields = list(dict.fromkeys(f for per in align.values() for f in per))
+    for field in fields:
+        per = [align.get(m, {}).get(field) for m in models]
+        keys = list(dict.fromkeys(k for d in per if d for k, v in d.items() if is_number(v)))
+        ordered = [k for k in ALIGN_KEYS if k in keys] + [k for k in keys if k not in ALIGN_KEYS]
+        for key in ordered:
+            if key in ("ci_low", "ci_high"):
+                continue
+            values = [d.get(key) if d else None for d in per]
+            if key == "spearman":
+                texts = []
+                for d in per:
+                    if not d:
+                        texts.append("–")
+                    elif is_number(d.get("ci_low")) and is_number(d.get("ci_high")):
+                        texts.append(f"{fmt(d['spearman'])} [{fmt(d['ci_low'])}, {fmt(d['ci_high'])}]")
+                    else:
+                        texts.append(f"{fmt(d.get('spearman'))}" + (f" ({d['method']})" if d.get("method") else ""))
+            else:
+                texts = [fmt(v) for v in values]
+            add(f"{field}: {ALIGN_KEYS.get(key, key)}", key, values, texts)
+    labels = list(dict.fromkeys(l for per in probes.values() for l in per))
+    for label in labels:
+        for clf in ("knn", "linear"):
+            for s in PROBE_SCORES:
+                values = [(probes.get(m, {}).get(label, {}).get(clf) or {}).get(s) for m in models]
+                if any(is_number(v) for v in values):
+                    add(f"{label}: {clf} {s[:3]}-{s[3:]}", s, values, [fmt(v) for v in values])
+    return rows
+
+
+def flat_metrics(models: Sequence[str], align: Mapping[str, Mapping[str, dict]],
+                 probes: Mapping[str, Mapping[str, dict]]) -> dict[str, dict[str, Any]]:
+    """reports/metrics.json: per model, every numeric alignment and probe value (`align.<field>.<key>`,
+    `probes.<label>.<probe>.<key>`), exactly as read."""
+    out = {}
+    for m in models:
+        flat = {}
+        flat.update(flatten(align.get(m, {}), "align"))
+        per = {l: {k: v for k, v in e.items() if k not in ("confusion_matrix", "confusion")}
+               for l, e in probes.get(m, {}).items()}
+        flat.update(flatten(per, "probes"))
+        out[m] = dict(sorted(flat.items()))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ grids, attention
+def figures_section(queries_json: str | Path, captions: Mapping[str, str], stage: str) -> dict[str, Any]:
+    path = Path(queries_json)
+    if not path.exists():
+        return {"figures": [], "reason": f"{path} not found (run `dinoflow {stage}`)"}
+    data = read_json(path)
+    items = []
+    for qid, name in zip(data.get("query_ids", []), data.get("files", [])):
+        fig_path = path.parent / name
+        if not fig_path.exists():
+            raise DinoflowError(f"{path}: lists {name} but {fig_path} does not exist (re-run `dinoflow {stage}`)")
+        items.append({"id": qid, "caption": captions.get(str(qid), ""), "img": file_data_uri(fig_path)})
+    if not items:
+        return {"figures": [], "reason": f"{path} lists no query (is the collection empty?)"}
+    return {"figures": items}
+
+
+# ----------------------------------------------------------------------------------------------------- page
+def build(params: dict[str, Any], fig_dir: str | Path = REPORT_FIGURES_DIR) -> tuple[dict[str, Any], dict]:
+    """The template context and the flat metrics, from the files in the workflow root (cwd)."""
+    fig_dir = Path(fig_dir)
+    models = model_names(params)
+    not_run: list[tuple[str, str]] = []
+
+    model_rows = []
+    for m in models:
+        info = read_model_info(m)
+        model_rows.append({"name": m, "info": info,
+                           "reason": None if info else f"{paths.model_info(m)} not found (run `dinoflow train --model {m}`)"})
+
+    collection = collection_section(paths.MANIFEST, params["collection"].get("label_columns") or [])
+    if not collection["ok"]:
+        not_run.append(("collection", collection["reason"]))
+    captions = collection.get("captions", {})
+
+    text_counts = []
+    if Path(TEXT_METRICS).exists():
+        text_counts = [(k, fmt(v)) for k, v in sorted(flatten(read_json(TEXT_METRICS)).items())]
+
+    training, curves = training_section(params, fig_dir)
+    not_run += [(f"training of {t['model']}", t["reason"]) for t in training if "reason" in t]
+    finetune = finetune_section(params, curves, fig_dir)
+    lr_search = lr_search_section(params, fig_dir)
+    if not lr_search["ok"]:
+        not_run.append(("learning-rate search", lr_search["reason"]))
+
+    align, align_reasons = read_align(models)
+    probes, probe_reasons = read_probes(params, models)
+    not_run += [("alignment", r) for r in align_reasons] + [("probes", r) for r in probe_reasons]
+    rows = comparison_rows(models, align, probes)
+    grids = figures_section(GRID_QUERIES, captions, "grids")
+    attention = figures_section(ATTENTION_QUERIES, captions, "attention")
+    for part, sec in (("retrieval grids", grids), ("attention maps", attention)):
+        if not sec["figures"]:
+            not_run.append((part, sec["reason"]))
+
+    context = {
+        "title": (params.get("report") or {}).get("title") or "dinoflow report",
+        "collection_name": params["collection"].get("name", ""),
+        "params_hash": params_hash(params),
+        "models": model_rows,
+        "any_stand_in": any(r["info"] and r["info"].get("stand_in") for r in model_rows),
+        "collection": collection,
+        "text_counts": text_counts,
+        "training": training,
+        "finetune": finetune,
+        "lr_search": lr_search,
+        "comparison": {"models": models, "rows": rows,
+                       "reason": "no alignment or probe metrics found (run `dinoflow align` / `dinoflow probes`)"},
+        "alignment": alignment_charts(align, fig_dir),
+        "alignment_not_run": align_reasons,
+        "probes": {"ok": bool(probes), "labels": probes_section(probes, fig_dir), "not_run": probe_reasons},
+        "grids": grids,
+        "attention": attention,
+        "not_run": not_run,
+    }
+    return context, flat_metrics(models, align, probes)
+
+
+def render(context: Mapping[str, Any]) -> str:
+    import jinja2
+
+    from dinoflow.report.template import TEMPLATE
+
+    # Optional keys (e.g. an entry's `img` when it was not run) are simply absent, hence the default Undefined.
+    env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(TEMPLATE).render(**context)
+
+
+def main(params: dict[str, Any]) -> None:
+    context, metrics = build(params)
+    html = render(context)
+    out = Path(paths.REPORT_HTML)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(html, encoding="utf-8")
+    write_json(paths.REPORT_METRICS, metrics)
+    for part, reason in context["not_run"]:
+        log.warning("report: %s not run: %s", part, reason)
+    log.info("wrote %s (%.1f MB, self-contained) and %s", out, len(html.encode()) / 1e6, paths.REPORT_METRICS)

@@ -1,0 +1,182 @@
+"""The Jinja2 template of reports/index.html (kept in a module so it ships with the package).
+
+Autoescaping is on (see `html.render`): every value from the collection or the metrics files is escaped.
+Images are `data:` URIs only; the Content-Security-Policy forbids any request and any script, so a page that
+somehow carried collection text as markup still could not run it or fetch anything.
+"""
+
+TEMPLATE = r"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ title }}</title>
+<style>
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0; color: #1d1d1f;
+       background: #fafafa; line-height: 1.45; }
+header { background: #243447; color: #fff; padding: 1.2em 2em; }
+header h1 { margin: 0 0 .2em 0; font-size: 1.6em; }
+nav a { color: #cfe3ff; margin-right: 1em; text-decoration: none; font-size: .95em; }
+main { padding: 1em 2em 3em 2em; max-width: 1500px; }
+section { background: #fff; border: 1px solid #e3e3e3; border-radius: 6px; padding: .6em 1.4em 1.2em 1.4em;
+          margin: 1.2em 0; }
+h2 { border-bottom: 2px solid #243447; padding-bottom: .2em; }
+h3 { margin-top: 1.4em; }
+table { border-collapse: collapse; margin: .6em 0; font-size: .9em; }
+th, td { border: 1px solid #d6d6d6; padding: .3em .6em; text-align: left; vertical-align: top; }
+th { background: #eef2f6; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.best { font-weight: bold; background: #eaf6ea; }
+img { max-width: 100%; height: auto; display: block; margin: .5em 0; border: 1px solid #eee; }
+.notrun { color: #7a4b00; background: #fff6e0; border-left: 4px solid #e0a000; padding: .4em .8em; margin: .5em 0; }
+.standin { color: #8a1010; background: #fdecec; border: 1px solid #e6a0a0; border-radius: 4px; padding: .1em .4em;
+           font-weight: bold; }
+.muted { color: #666; font-size: .9em; }
+.caption { font-style: italic; }
+code { background: #f2f2f2; padding: 0 .25em; border-radius: 3px; }
+header code { background: #3b5169; color: #fff; }
+</style>
+</head>
+<body>
+<header>
+<h1>{{ title }}</h1>
+<div>collection <b>{{ collection_name }}</b> · {{ models|length }} model(s) · parameters hash <code>{{ params_hash }}</code></div>
+<nav>
+<a href="#models">models</a><a href="#collection">collection</a><a href="#training">training</a>
+<a href="#comparison">comparison</a><a href="#alignment">alignment</a><a href="#probes">probes</a>
+<a href="#grids">retrieval grids</a><a href="#attention">attention maps</a>{% if not_run %}<a href="#notrun">not run</a>{% endif %}
+</nav>
+</header>
+<main>
+{% macro notrun(reason) %}<div class="notrun">not run: {{ reason }}</div>{% endmacro %}
+
+<section id="models">
+<h2>Models and their weights</h2>
+{% if any_stand_in %}<p class="standin">Some models use stand-in weights: read their rows with the label below in mind.</p>{% endif %}
+<table>
+<tr><th>model</th><th>architecture</th><th>init</th><th>training</th><th>trainable</th><th>weights</th><th>note</th></tr>
+{% for m in models %}
+<tr><td><b>{{ m.name }}</b></td>
+{% if m.info %}
+<td>{{ m.info.arch }}</td><td>{{ m.info.init }}</td><td>{{ m.info.method }}</td><td>{{ m.info.trainable }}</td>
+<td>{{ m.info.weights_source }}</td>
+<td>{% if m.info.stand_in %}<span class="standin">{{ m.info.stand_in_label or "stand-in" }}</span>{% endif %}</td>
+{% else %}
+<td colspan="6">{{ notrun(m.reason) }}</td>
+{% endif %}
+</tr>
+{% endfor %}
+</table>
+</section>
+
+<section id="collection">
+<h2>The collection</h2>
+{% if collection.ok %}
+<table>
+<tr><th>input rows</th><td class="num">{{ collection.n_rows }}</td></tr>
+<tr><th>ok images</th><td class="num">{{ collection.n_ok }}</td></tr>
+<tr><th>skipped rows</th><td class="num">{{ collection.n_skipped }}</td></tr>
+<tr><th>ok images with a caption</th><td class="num">{{ collection.n_caption }}</td></tr>
+<tr><th>ok images with keywords</th><td class="num">{{ collection.n_keywords }}</td></tr>
+{% for col, n in collection.label_classes %}<tr><th>classes of label <code>{{ col }}</code></th><td class="num">{{ n }}</td></tr>{% endfor %}
+</table>
+<h3>Skipped rows by reason</h3>
+{% if collection.skipped %}
+<table><tr><th>reason</th><th>rows</th><th>examples (input row, id: detail)</th></tr>
+{% for s in collection.skipped %}
+<tr><td><code>{{ s.status }}</code></td><td class="num">{{ s.count }}</td>
+<td>{% for e in s.examples %}<div>row {{ e.row }}, {{ e.id }}: {{ e.detail }}</div>{% endfor %}</td></tr>
+{% endfor %}</table>
+{% else %}<p>No row was skipped.</p>{% endif %}
+{% if collection.notes %}<h3>Conversions applied</h3>
+<table><tr><th>note</th><th>rows</th></tr>{% for n, c in collection.notes %}<tr><td>{{ n }}</td><td class="num">{{ c }}</td></tr>{% endfor %}</table>{% endif %}
+{% else %}{{ notrun(collection.reason) }}{% endif %}
+{% if text_counts %}<h3>Text embeddings</h3>
+<table><tr><th>quantity</th><th>value</th></tr>{% for k, v in text_counts %}<tr><td>{{ k }}</td><td class="num">{{ v }}</td></tr>{% endfor %}</table>{% endif %}
+</section>
+
+<section id="training">
+<h2>Training</h2>
+{% for t in training %}
+<h3>{{ t.model }}</h3>
+{% if t.img %}<img src="{{ t.img }}" alt="training curves of {{ t.model }}">
+{% if t.final %}<table><tr><th>metric</th><th>last value</th></tr>{% for k, v in t.final %}<tr><td>{{ k }}</td><td class="num">{{ v }}</td></tr>{% endfor %}</table>{% endif %}
+{% else %}{{ notrun(t.reason) }}{% endif %}
+{% endfor %}
+{% if not training %}<p class="muted">No model of the list trains.</p>{% endif %}
+<h3>Fine-tunes: head and backbone</h3>
+{% if finetune.img %}<img src="{{ finetune.img }}" alt="fine-tune curves">{% else %}{{ notrun(finetune.reason) }}{% endif %}
+<h3>Learning-rate search</h3>
+{% if lr_search.ok %}
+{% if lr_search.best %}<p>best: {% for k, v in lr_search.best %}<code>{{ k }} = {{ v }}</code> {% endfor %}</p>{% endif %}
+{% for img in lr_search.imgs %}<img src="{{ img.src }}" alt="{{ img.alt }}">{% endfor %}
+{% if lr_search.columns %}<table><tr>{% for c in lr_search.columns %}<th>{{ c }}</th>{% endfor %}</tr>
+{% for row in lr_search.rows %}<tr>{% for v in row %}<td class="num">{{ v }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
+{% else %}{{ notrun(lr_search.reason) }}{% endif %}
+</section>
+
+<section id="comparison">
+<h2>All models on every metric</h2>
+<p class="muted">Spearman: rank correlation between image and text cosine similarity over image pairs, with its 95%
+confidence interval where it was estimated from sampled pairs (exact values have none). Mantel p: permutation p-value.
+Best value per row in bold (higher is better for every metric except p-values and counts).</p>
+{% if comparison.rows %}
+<table><tr><th>metric</th>{% for m in comparison.models %}<th>{{ m }}</th>{% endfor %}</tr>
+{% for row in comparison.rows %}<tr><th>{{ row.label }}</th>{% for cell in row.cells %}<td class="num{% if cell.best %} best{% endif %}">{{ cell.text }}</td>{% endfor %}</tr>{% endfor %}
+</table>
+{% else %}{{ notrun(comparison.reason) }}{% endif %}
+</section>
+
+<section id="alignment">
+<h2>Image–text alignment</h2>
+{% for a in alignment %}<h3>{{ a.field }}</h3><img src="{{ a.img }}" alt="Spearman for {{ a.field }}">{% endfor %}
+{% for reason in alignment_not_run %}{{ notrun(reason) }}{% endfor %}
+</section>
+
+<section id="probes">
+<h2>Probes</h2>
+{% if probes.ok %}
+{% for p in probes.labels %}
+<h3>label <code>{{ p.label }}</code></h3>
+<table><tr><th>model</th>{% for c in p.columns %}<th>{{ c }}</th>{% endfor %}</tr>
+{% for row in p.rows %}<tr><td>{{ row.model }}</td>{% for cell in row.cells %}<td class="num{% if cell.best %} best{% endif %}">{{ cell.text }}</td>{% endfor %}</tr>{% endfor %}
+</table>
+{% if p.confusion %}<p>Confusion matrix of the best model, <b>{{ p.best_model }}</b> ({{ p.best_by }}):</p>
+<img src="{{ p.confusion }}" alt="confusion matrix of {{ p.best_model }} on {{ p.label }}">
+{% elif p.confusion_reason %}{{ notrun(p.confusion_reason) }}{% endif %}
+{% endfor %}
+{% endif %}
+{% for reason in probes.not_run %}{{ notrun(reason) }}{% endfor %}
+</section>
+
+<section id="grids">
+<h2>Retrieval grids</h2>
+{% if grids.figures %}
+<p class="muted">One row per model: the query (red frame), then its nearest neighbours by cosine similarity with
+their scores and captions.</p>
+{% for g in grids.figures %}<h3>query <code>{{ g.id }}</code></h3><p class="caption">{{ g.caption }}</p>
+<img src="{{ g.img }}" alt="neighbours of {{ g.id }}">{% endfor %}
+{% else %}{{ notrun(grids.reason) }}{% endif %}
+</section>
+
+<section id="attention">
+<h2>Attention maps</h2>
+{% if attention.figures %}
+<p class="muted">ViT rows: last-layer CLS-to-patch attention of each head and their mean, upsampled and overlaid.
+CNN rows have no attention: they show the L2 norm of the last feature map (saliency), labelled as such.</p>
+{% for g in attention.figures %}<h3>image <code>{{ g.id }}</code></h3><p class="caption">{{ g.caption }}</p>
+<img src="{{ g.img }}" alt="attention maps of {{ g.id }}">{% endfor %}
+{% else %}{{ notrun(attention.reason) }}{% endif %}
+</section>
+
+{% if not_run %}
+<section id="notrun">
+<h2>Not run</h2>
+<table><tr><th>part</th><th>reason</th></tr>{% for part, reason in not_run %}<tr><td>{{ part }}</td><td>{{ reason }}</td></tr>{% endfor %}</table>
+</section>
+{% endif %}
+</main>
+</body>
+</html>
+"""

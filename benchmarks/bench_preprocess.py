@@ -10,7 +10,7 @@ Throughput, in images/s, all measured in this run on the same files:
 - dinoflow decode+fit, one process: `open_rgb` (JPEG draft mode, EXIF, colour conversion) + `fit` (short side to
   256, centre crop), no encoding: what draft mode buys over the plain loop;
 - dinoflow full, one process: the same plus WebP q90 encoding (what is stored);
-- dinoflow full, all cores: `dinoflow preprocess`'s ordered process pool (`parallel_map`).
+- dinoflow full, all cores: `dinoflow preprocess`'s ordered process pool (`parallel_map`), pool start-up included.
 Storage: the encoded outputs, replicated to M items, stored one file per image vs Parquet shards (`write_shards`):
 file count, bytes on disk, write time, time to hash everything (sha256, what `dvc add`/`dvc status` does per file),
 and read throughput in random order (file open+read vs `ImageStore.get_bytes`). Encoded size and encode time of
@@ -36,7 +36,6 @@ from PIL import Image
 
 from dinoflow.data.preprocess import (_ChunkProcessor, draft_request, encode, fit, open_rgb, parallel_map,
                                       resolve_workers, write_shards)
-from dinoflow.data.store import ImageStore
 from dinoflow.utils import write_json
 
 HERE = Path(__file__).resolve().parent
@@ -146,6 +145,8 @@ def storage(blobs: list[bytes], m: int, tmp: Path, seed: int = 0) -> dict:
             with open(file_paths[i], "rb") as fh:
                 fh.read()
 
+    from dinoflow.data.store import ImageStore  # imports torch: kept out of the module the pool's workers load
+
     store = ImageStore(shard_dir)
 
     def read_shards():
@@ -194,14 +195,14 @@ def markdown(res: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="24 images, 2,000 stored items (well under a minute)")
-    ap.add_argument("--n", type=int, default=None, help="images for the throughput runs (default 160; quick 24)")
+    ap.add_argument("--quick", action="store_true", help="40 images, 2,000 stored items (well under a minute)")
+    ap.add_argument("--n", type=int, default=None, help="images for the throughput runs (default 240; quick 40)")
     ap.add_argument("--storage-items", type=int, default=None, help="items in the storage test (default 20,000)")
     ap.add_argument("--images", default=None, help="use the images in this folder instead of synthetic JPEGs")
     ap.add_argument("--workers", type=int, default=0, help="pool size (0 = all cores)")
     ap.add_argument("--out", default=str(HERE / "results"), help="results folder")
     args = ap.parse_args()
-    n = args.n or (24 if args.quick else 160)
+    n = args.n or (40 if args.quick else 240)
     m = args.storage_items or (2000 if args.quick else 20000)
     workers = resolve_workers(args.workers)
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp_name:

@@ -44,7 +44,8 @@ def _create_timm(arch: str, img_size: int | None, kwargs: dict[str, Any]) -> nn.
 class Encoder(nn.Module):
     """A timm backbone without classifier, plus a DINOv2/iBOT mask token for ViTs.
 
-    `arch`: any timm model name; `img_size`: input size (passed to timm for ViTs only, CNNs take any size);
+    `arch`: any timm model name; `img_size`: input size (given to timm when the model takes it, as ViTs do;
+    CNNs take any size and only record it for `data_config`);
     `timm_kwargs`: extra `timm.create_model` arguments (e.g. a smaller `embed_dim`/`depth` for CPU demos).
     """
 

@@ -51,8 +51,11 @@ _LOCAL_FILE_HINT = ("give a local checkpoint instead: in params.yaml set pretrai
 
 # ---------------------------------------------------------------------------------------------- checksums
 def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def known_sha256(path: str | Path) -> str | None:

@@ -1,0 +1,107 @@
+"""Neighbour search: exact blocked search and the FAISS path against brute force; the stage's output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dinoflow import paths
+from dinoflow.errors import DinoflowError
+from dinoflow.evaluate import neighbours
+from dinoflow.evaluate.neighbours import _drop_self, exact_topk, faiss_topk, topk_neighbours
+from dinoflow.evaluate.vectors import l2_normalize, write_vectors
+
+
+def brute_force(x, k):
+    """Reference: full cosine matrix, Python sort per row (score desc, index asc), self skipped."""
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = xn.astype(np.float64) @ xn.T.astype(np.float64)
+    out = []
+    for i in range(len(x)):
+        order = sorted((j for j in range(len(x)) if j != i), key=lambda j: (-sims[i, j], j))
+        out.append(order[:k])
+    return np.array(out), sims
+
+
+@pytest.mark.parametrize("n, block", [(60, 7), (101, 4096), (33, 1)])
+def test_exact_blocked_equals_brute_force(n, block):
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, 12)).astype(np.float32)
+    ref, sims = brute_force(x, 5)
+    idx, val = exact_topk(l2_normalize(x), 5, block_size=block)
+    np.testing.assert_array_equal(idx, ref)
+    np.testing.assert_allclose(val, np.take_along_axis(sims, ref, axis=1), atol=1e-5)
+    assert (np.diff(val, axis=1) <= 1e-7).all()
+
+
+def test_exact_with_queries_and_block_cap(monkeypatch):
+    monkeypatch.setattr(neighbours, "MAX_BLOCK_ELEMENTS", 50)  # forces 1-row blocks for 60 columns
+    rng = np.random.default_rng(1)
+    x = l2_normalize(rng.normal(size=(60, 8)))
+    q = l2_normalize(rng.normal(size=(9, 8)))
+    idx, val = exact_topk(x, 4, queries=q, exclude_self=False)
+    ref = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :4]
+    np.testing.assert_array_equal(idx, ref)
+
+
+def test_k_larger_than_collection_is_clamped():
+    x = l2_normalize(np.random.default_rng(2).normal(size=(4, 3)))
+    idx, _ = exact_topk(x, 10)
+    assert idx.shape == (4, 3)
+    assert all(i not in row for i, row in enumerate(idx))
+    with pytest.raises(DinoflowError, match="k"):
+        exact_topk(x, 0)
+
+
+def test_faiss_flat_equals_brute_force():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(200, 16)).astype(np.float32)
+    ref, _ = brute_force(x, 7)
+    idx, _ = faiss_topk(l2_normalize(x), 7, index="flat")
+    np.testing.assert_array_equal(idx, ref)
+
+
+@pytest.mark.parametrize("index", ["hnsw", "ivf"])
+def test_faiss_approximate_indexes_on_small_data(index):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    ref, sims = brute_force(x, 10)
+    idx, val = faiss_topk(l2_normalize(x), 10, index=index)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, ref)])
+    assert recall >= 0.98
+    assert all(i not in row for i, row in enumerate(idx))
+    np.testing.assert_allclose(val, np.take_along_axis(sims, idx, axis=1), atol=1e-4)
+
+
+def test_drop_self_when_index_misses_the_query():
+    ids = np.array([[0, 5, 6], [7, 8, 9]])  # row 1 lacks itself: its weakest hit goes
+    scores = np.array([[1.0, 0.9, 0.8], [0.7, 0.6, 0.5]], dtype=np.float32)
+    i, s = _drop_self(ids, scores, 2)
+    np.testing.assert_array_equal(i, [[5, 6], [7, 8]])
+    np.testing.assert_allclose(s, [[0.9, 0.8], [0.7, 0.6]])
+
+
+def test_dispatch_between_exact_and_faiss():
+    x = np.random.default_rng(5).normal(size=(50, 8)).astype(np.float32)
+    _, _, m1 = topk_neighbours(x, 3, {"exact_max_n": 50, "block_size": 16})
+    _, _, m2 = topk_neighbours(x, 3, {"exact_max_n": 49, "block_size": 16, "faiss_index": "flat"})
+    assert (m1, m2) == ("exact", "faiss-flat")
+
+
+def test_main_writes_long_table(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(30, 8)).astype(np.float32)
+    ids = [f"im{i}" for i in range(30)]
+    write_vectors(paths.embeddings("m"), ids, {"cls": x, "patch_mean": x}, {"model": "m", "stand_in": False})
+    params = {"seed": 0, "neighbours": {"k": 4, "exact_max_n": 1000, "block_size": 8}}
+    neighbours.main(params, model="m")
+    t = pq.read_table(paths.neighbours("m")).to_pandas()
+    assert list(t.columns) == ["query_id", "rank", "neighbour_id", "score"]
+    assert len(t) == 30 * 4 and (t["query_id"] != t["neighbour_id"]).all()
+    ref, _ = brute_force(x, 4)
+    got = t.sort_values(["query_id", "rank"]).groupby("query_id")["neighbour_id"].apply(list)
+    for i, name in enumerate(ids):
+        assert got[name] == [ids[j] for j in ref[i]]
+    assert t["rank"].min() == 1 and t["rank"].max() == 4

@@ -1,0 +1,201 @@
+"""DINO training loop: loss falls, freezing, exact resume, DDP equivalence, NaN stop, `dinoflow train` outputs."""
+
+from __future__ import annotations
+
+import math
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dinoflow import paths
+from dinoflow.errors import DinoflowError
+from dinoflow.models.factory import create_encoder
+from dinoflow.ssl.augment import MultiCropAugmentation
+from dinoflow.train import checkpoint, dino, run
+from dinoflow.utils import read_json, seed_everything
+from train_helpers import ddp_worker, make_env, run_steps
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch) -> tuple[dict, list]:
+    params, images = make_env(tmp_path)
+    monkeypatch.chdir(tmp_path / "ws")
+    return params, images
+
+
+def _train(params, images, model):
+    seed_everything(params["seed"])
+    encoder, info = create_encoder(params, model)
+    return dino.train(params, model, encoder, info, images=images)
+
+
+def _curve(model: str, name: str) -> np.ndarray:
+    import pandas as pd
+
+    df = pd.read_csv(Path(paths.train_log_dir(model)) / "plots" / "metrics" / f"{name}.tsv", sep="\t")
+    return df.iloc[:, -1].to_numpy()
+
+
+def test_loss_falls_on_tiny_collection(env):
+    params, images = env
+    # A teacher that follows the student quickly and no warm-ups, so a few steps show learning.
+    params["train"].update(epochs=3, momentum_teacher=0.9, warmup_epochs=0, warmup_teacher_temp_epochs=0,
+                           freeze_last_layer_epochs=0)
+    (Path(paths.LR_SEARCH_BEST)).write_text('{"lr": 0.05}')
+    _train(params, images, "scratch")
+    total = _curve("scratch", "loss/total")
+    assert len(total) == 9 and np.isfinite(total).all()
+    assert total[-3:].mean() < 0.8 * total[0], total
+    for name in ("loss/dino", "loss/ibot", "loss/koleo", "teacher/entropy", "teacher/std", "lr", "wd", "momentum",
+                 "teacher/temp"):
+        assert len(_curve("scratch", name)) == 9, name
+    # lr follows the schedule scaled by batch/256 (no warm-up here: the first step is the peak)
+    assert _curve("scratch", "lr")[0] == pytest.approx(0.05 * 8 / 256)
+    info = read_json(paths.model_info("scratch"))
+    assert info["train"]["lr_overrides"] == {"lr": 0.05}
+    assert set(load_file(paths.model_weights("scratch"))) == set(create_encoder(params, "scratch")[0].state_dict())
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def test_freezing_only_intended_parameters_change(env):
+    """Fine-tune of a ViT, last1: epoch 0 = head warm-up (backbone frozen, prototypes frozen); epoch 1 = last block
+    + final norm train too; nothing else ever changes, bit for bit, in the student or the teacher."""
+    params, images = env
+    run.main(params, "base")
+    params["finetune"].update(head_warmup_epochs=1, lr_head=0.01, lr_backbone=0.01)
+    t = params["train"]
+    seed_everything(params["seed"])
+    encoder, _ = create_encoder(params, "vit_ft")
+    spe = dino.steps_per_epoch(len(images), t)
+    trainer = dino.DinoTrainer(params, encoder, trainable="last1", finetune=True, epochs=2, steps_per_epoch=spe)
+    sampler = dino.GlobalBatchSampler(len(images), t["batch_size"], spe, params["seed"])
+    loader, dataset = dino.make_loader(images, MultiCropAugmentation.from_params(t), sampler, params["seed"], 0)
+    _, blocks, tail = trainer.student.backbone.block_groups()
+    last_block = {f"backbone.{n}" for n in blocks[-1] + tail}
+    assert any("norm" in n for n in last_block)
+
+    snaps = [(_snapshot(trainer.student), _snapshot(trainer.teacher))]
+    for epoch in range(2):
+        trainer.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        for step, batch in enumerate(loader):
+            trainer.train_step(batch, epoch * spe + step, trainer.local_masks(sampler.global_batch(epoch, step), epoch))
+        snaps.append((_snapshot(trainer.student), _snapshot(trainer.teacher)))
+
+    def changed(a, b):
+        return {k for k in a if not torch.equal(a[k], b[k])}
+
+    heads_mlp = {k for k in snaps[0][0] if k.startswith("head.mlp")}
+    prototypes = {k for k in snaps[0][0] if k.startswith("head.last_layer") and "original1" in k}
+    for who in (0, 1):  # student, teacher
+        warmup = changed(snaps[0][who], snaps[1][who])
+        assert warmup == heads_mlp, sorted(warmup ^ heads_mlp)
+        second = changed(snaps[1][who], snaps[2][who])
+        assert second == heads_mlp | prototypes | last_block, sorted(second ^ (heads_mlp | prototypes | last_block))
+
+
+def test_resume_after_kill_gives_exactly_the_uninterrupted_weights(tmp_path, monkeypatch):
+    def run_in(name: str, stop_after: int | None):
+        root = tmp_path / name
+        params, images = make_env(root)
+        params["train"]["checkpoint_every"] = 2
+        monkeypatch.chdir(root / "ws")
+        if stop_after:
+            monkeypatch.setenv(dino.STOP_AFTER_ENV, str(stop_after))
+            _train(params, images, "scratch")  # "killed" in epoch 1 after step 5; last saved state: step 4
+            assert not Path(paths.model_weights("scratch")).exists()
+            assert checkpoint.load_state(paths.train_state("scratch"))["step"] == 4
+            monkeypatch.delenv(dino.STOP_AFTER_ENV)
+        _train(params, images, "scratch")
+        return (load_file(paths.model_weights("scratch")),
+                checkpoint.load_state(paths.train_state("scratch")), _curve("scratch", "loss/total"))
+
+    w_full, s_full, loss_full = run_in("full", None)
+    w_res, s_res, loss_res = run_in("resumed", 5)
+    assert w_full.keys() == w_res.keys()
+    for k in w_full:
+        assert torch.equal(w_full[k], w_res[k]), k
+
+    def tensors(obj, prefix=""):
+        if isinstance(obj, torch.Tensor):
+            yield prefix, obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from tensors(v, f"{prefix}.{k}")
+
+    a, b = dict(tensors(s_full["trainer"])), dict(tensors(s_res["trainer"]))
+    assert a.keys() == b.keys() and len(a) > 50
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert s_full["step"] == s_res["step"] == 6
+    np.testing.assert_array_equal(loss_full, loss_res)  # the replayed steps were logged once
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one_process(tmp_path, monkeypatch):
+    params, images = make_env(tmp_path)
+    monkeypatch.chdir(tmp_path / "ws")
+    one = run_steps(params, images, n_steps=3)
+    out = tmp_path / "ddp.pt"
+    torch.multiprocessing.spawn(ddp_worker, args=(2, _free_port(), params, images, 3, str(out)), nprocs=2, join=True)
+    two = torch.load(out, weights_only=True)
+    for v1, v2 in zip(one["values"], two["values"]):
+        for key in ("loss/dino", "loss/ibot", "loss/koleo", "loss/total", "teacher/entropy"):
+            assert v2[key] == pytest.approx(v1[key], rel=1e-5, abs=1e-6), key
+    for k, v in one["teacher"].items():
+        torch.testing.assert_close(two["teacher"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_nan_loss_stops_with_clear_error(env):
+    params, images = env
+    seed_everything(params["seed"])
+    encoder, info = create_encoder(params, "scratch")
+    with torch.no_grad():
+        encoder.model.blocks[0].mlp.fc1.weight[0, 0] = math.nan  # corrupted weights: NaN from the first step
+    with pytest.raises(DinoflowError, match=r"loss is nan at step 0.*Lower train\.lr"):
+        dino.train(params, "scratch", encoder, info, images=images)
+
+
+def test_method_none_saves_initial_weights(env):
+    params, _ = env
+    run.main(params, "base")
+    saved = load_file(paths.model_weights("base"))
+    fresh, _ = create_encoder(params, "base")
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(saved[k], v), k
+    assert read_json(paths.model_info("base"))["init"] == "random"
+    assert not Path(paths.train_state("base")).exists()
+
+
+def test_scratch_without_lr_search_says_what_to_run(env):
+    params, images = env
+    Path(paths.LR_SEARCH_BEST).unlink()
+    with pytest.raises(DinoflowError, match="lr-search"):
+        _train(params, images, "scratch")
+
+
+def test_global_batches_do_not_depend_on_process_count():
+    one = dino.GlobalBatchSampler(24, 8, 3, seed=0)
+    two = [dino.GlobalBatchSampler(24, 8, 3, seed=0, rank=r, world_size=2) for r in range(2)]
+    for s in [one, *two]:
+        s.set_epoch(1)
+    joined = [a + b for a, b in zip(*two)]
+    assert list(one) == joined
+    assert sorted(i for b in one for i in b) == list(range(24))  # a permutation: every image once per epoch
+    one.set_epoch(1, start_step=2)
+    assert list(one) == joined[2:]
+    with pytest.raises(DinoflowError, match="divisible"):
+        dino.GlobalBatchSampler(24, 7, 3, seed=0, rank=0, world_size=2)

@@ -1,0 +1,82 @@
+"""Shared set-up of the training tests: tiny params, in-memory images, and the DDP worker (importable by spawn)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from dinoflow.data.synthetic import make_tiny_collection
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _tiny_params():
+    """tests/conftest.py's `tiny_params`, loaded by path (a plain `import conftest` is ambiguous)."""
+    spec = importlib.util.spec_from_file_location("dinoflow_tests_root_conftest", REPO / "tests" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.tiny_params
+
+
+def make_env(root: Path) -> tuple[dict, list]:
+    """(params, images) for a workspace at root/ws (made the caller's cwd by the tests).
+
+    Models added to the default list: `base` (seeded random ViT saved as is) and `vit_ft` (fine-tune of `base`,
+    last block trainable), so the fine-tune path is tested on the tiny ViT too. The scratch lr is a written
+    best.json, as the lr search would leave it.
+    """
+    collection = make_tiny_collection(root / "collection", n=24, size=64)
+    params = _tiny_params()(collection)
+    params["models"].insert(0, {"name": "base", "init": "random", "method": "none", "trainable": "none"})
+    params["models"].append({"name": "vit_ft", "init": "base", "method": "dino", "trainable": "last1"})
+    images = [Image.open(p).convert("RGB") for p in sorted(Path(collection["images_dir"]).glob("*.png"))]
+    ws = root / "ws"
+    (ws / "models" / "lr_search").mkdir(parents=True, exist_ok=True)
+    (ws / "models" / "lr_search" / "best.json").write_text(json.dumps({"lr": 0.0005}))
+    return params, images
+
+
+def ddp_worker(rank: int, world_size: int, port: int, params: dict, images: list, n_steps: int, out: str) -> None:
+    """One process of a gloo group: `n_steps` DINO steps of the scratch model; losses saved by rank 0."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from dinoflow.train.distributed import cleanup, init_distributed
+
+    ctx = init_distributed("cpu")
+    try:
+        losses = run_steps(params, images, n_steps, ctx)
+        if rank == 0:
+            torch.save(losses, out)
+    finally:
+        cleanup()
+
+
+def run_steps(params: dict, images: list, n_steps: int, ctx=None) -> dict:
+    """Build the scratch trainer and run its first `n_steps` steps over the real data path."""
+    from dinoflow.models.factory import create_encoder
+    from dinoflow.ssl.augment import MultiCropAugmentation
+    from dinoflow.train import dino
+    from dinoflow.utils import seed_everything
+
+    t = params["train"]
+    seed_everything(params["seed"])
+    encoder, _ = create_encoder(params, "scratch")
+    spe = dino.steps_per_epoch(len(images), t)
+    trainer = dino.DinoTrainer(params, encoder, trainable="all", finetune=False, epochs=t["epochs"],
+                               steps_per_epoch=spe, ctx=ctx)
+    rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
+    sampler = dino.GlobalBatchSampler(len(images), t["batch_size"], spe, params["seed"], rank, world)
+    loader, dataset = dino.make_loader(images, MultiCropAugmentation.from_params(t), sampler, params["seed"], 0)
+    values = []
+    for step, batch in enumerate(loader):
+        if step == n_steps:
+            break
+        masks = trainer.local_masks(sampler.global_batch(0, step), 0)
+        values.append(trainer.train_step(batch, step, masks))
+    return {"values": values, "teacher": {k: v.clone() for k, v in trainer.teacher.state_dict().items()}}

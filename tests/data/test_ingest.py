@@ -242,3 +242,16 @@ def test_missing_images_dir_is_an_error(messy):
     messy["collection"]["images_dir"] = "/nonexistent/images"
     with pytest.raises(DinoflowError, match="collection.images_dir: /nonexistent/images"):
         ingest.main(messy)
+
+
+def test_jsonl_with_a_broken_line(tiny_collection, workspace, tmp_path):
+    rows = pd.read_csv(tiny_collection["metadata"]).head(3)
+    lines = [json.dumps({k: (None if pd.isna(v) else v) for k, v in r.items()}) for r in rows.to_dict("records")]
+    lines.insert(1, '{"id": "broken", "path": ')
+    meta = tmp_path / "m.jsonl"
+    meta.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    params = data_params({**tiny_collection, "metadata": str(meta)})
+    params["ingest"]["max_skipped_fraction"] = 0.5
+    manifest, summary = run(params)
+    assert manifest["status"].tolist() == ["ok", "unreadable_row", "ok", "ok"]
+    assert manifest["detail"][1].startswith("line 2: not a JSON object")

@@ -140,6 +140,10 @@ def test_shards_and_index(processed, tiny_collection):
     assert first.column("id").to_pylist() == index.loc[index["shard"] == 1, "id"].tolist()
     assert set(first.column("width").to_pylist()) == {32}
     images = Path(tiny_collection["images_dir"])
+    for _, r in index.iterrows():  # the recorded byte range is exactly the Parquet value
+        data = shards[r["shard"]].read_bytes()
+        value = pq.read_table(shards[r["shard"]]).column("image")[r["row"]].as_py()
+        assert data[r["offset"]:r["offset"] + r["length"]] == value
     for _, r in index.iloc[[0, 13, 23]].iterrows():
         blob = pq.read_table(shards[r["shard"]]).column("image")[r["row"]].as_py()
         path = images / manifest.loc[manifest["id"] == r["id"], "path"].iloc[0]
@@ -190,3 +194,4 @@ def test_other_formats(processed, fmt):
     preprocess.main(processed)
     blob = pq.read_table(Path(paths.PROCESSED_DIR) / "shard-00000.parquet").column("image")[0].as_py()
     assert Image.open(io.BytesIO(blob)).format == fmt.upper()
+

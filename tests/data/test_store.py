@@ -7,6 +7,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -58,18 +59,39 @@ def test_bad_lookups(store):
         store.get(24)
 
 
-def test_shard_cache_is_bounded_and_reads_stay_right(store):
-    small = ImageStore(paths.PROCESSED_DIR, cache_shards=1)
+def test_reads_are_slices_of_the_mapped_shards(store):
+    index = pq.read_table(paths.PROCESSED_INDEX).to_pandas()
+    assert (index["offset"] > 0).all()
+    store.get(0)
+    store.get(23)
+    assert len(store._cache) == 0 and sorted(store._maps) == [0, 2]  # no Parquet decoding happened
+
+
+def test_parquet_fallback_without_offsets_and_bounded_cache(store):
     ref = reference_images()
+    table = pq.read_table(paths.PROCESSED_INDEX)
+    pq.write_table(table.select(["id", "shard", "row"]), paths.PROCESSED_INDEX)  # an index without offsets
+    small = ImageStore(paths.PROCESSED_DIR, cache_shards=1)
     for i in [0, 23, 11, 1, 22]:  # hop between shards
         assert np.array_equal(np.asarray(small.get(i)), ref[small.ids[i]])
-        assert len(small._cache) == 1
+        assert len(small._cache) == 1 and not small._maps
+
+
+def test_stale_offsets_fall_back_to_parquet(store):
+    ref = reference_images()
+    table = pq.read_table(paths.PROCESSED_INDEX)
+    shifted = table.set_column(table.column_names.index("offset"), "offset",
+                               pa.array([o + 7 for o in table.column("offset").to_pylist()], pa.int64()))
+    pq.write_table(shifted, paths.PROCESSED_INDEX)
+    fresh = ImageStore(paths.PROCESSED_DIR)
+    assert all(np.array_equal(np.asarray(fresh.get(i)), ref[fresh.ids[i]]) for i in range(len(fresh)))
+    assert len(fresh._cache) > 0
 
 
 def test_pickle_drops_the_cache(store):
     store.get(0)
     clone = pickle.loads(pickle.dumps(store))
-    assert len(clone._cache) == 0 and len(clone) == len(store)
+    assert len(clone._cache) == 0 and not clone._maps and len(clone) == len(store)
     assert np.array_equal(np.asarray(clone.get(5)), np.asarray(store.get(5)))
 
 
@@ -77,8 +99,8 @@ def test_dataset_and_dataloader_workers(store):
     ds = ImageDataset(store)
     x, i = ds[3]
     assert i == 3 and x.shape == (3, 32, 32) and x.dtype == torch.float32
-    assert torch.allclose(x, torch.from_numpy(np.asarray(store.get(3))).permute(2, 0, 1).float() / 255)
-    flip = ImageDataset(store, transform=lambda im: torch.from_numpy(np.asarray(im.transpose(Image.FLIP_LEFT_RIGHT))))
+    assert torch.allclose(x, torch.from_numpy(np.array(store.get(3))).permute(2, 0, 1).float() / 255)
+    flip = ImageDataset(store, transform=lambda im: torch.from_numpy(np.array(im.transpose(Image.FLIP_LEFT_RIGHT))))
     assert torch.equal(flip[2][0], torch.from_numpy(np.asarray(store.get(2))[:, ::-1].copy()))
     loader = DataLoader(ds, batch_size=5, num_workers=2, shuffle=False)
     seen, batches = [], []

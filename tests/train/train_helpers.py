@@ -67,6 +67,13 @@ def run_steps(params: dict, images: list, n_steps: int, ctx=None) -> dict:
     t = params["train"]
     seed_everything(params["seed"])
     encoder, _ = create_encoder(params, "scratch")
+    with torch.no_grad():
+        # timm's ViT init (std 0.02) maps every image to almost the same CLS token (distances ~1e-6), where
+        # KoLeo's -log(distance) turns float rounding (which differs between batch sizes) into % differences.
+        # Xavier weights let the image content reach the CLS token, so the comparison tests the algorithm.
+        for m in encoder.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                torch.nn.init.xavier_uniform_(m.weight)
     spe = dino.steps_per_epoch(len(images), t)
     trainer = dino.DinoTrainer(params, encoder, trainable="all", finetune=False, epochs=t["epochs"],
                                steps_per_epoch=spe, ctx=ctx)
@@ -79,4 +86,5 @@ def run_steps(params: dict, images: list, n_steps: int, ctx=None) -> dict:
             break
         masks = trainer.local_masks(sampler.global_batch(0, step), 0)
         values.append(trainer.train_step(batch, step, masks))
-    return {"values": values, "teacher": {k: v.clone() for k, v in trainer.teacher.state_dict().items()}}
+    return {"values": values, "teacher": {k: v.clone() for k, v in trainer.teacher.state_dict().items()},
+            "student": {k: v.clone() for k, v in trainer.student.state_dict().items()}}

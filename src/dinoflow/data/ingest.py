@@ -130,9 +130,10 @@ def validate_rows(df: pd.DataFrame, images_dir: str, max_pixels: int, workers: i
 
     read_error = df["read_error"].to_numpy(dtype=object)
     has_error = pd.notna(read_error)
-    unreadable = np.array([isinstance(e, str) and e.startswith("line ") for e in read_error])
-    mark(has_error & unreadable, "unreadable_row", read_error)
-    mark(has_error & ~unreadable, "invalid_utf8", read_error)
+    # read_metadata's two kinds of row error: "invalid UTF-8 ..." or "line N: not a JSON object ..."
+    bad_text = np.array([isinstance(e, str) and e.startswith("invalid UTF-8") for e in read_error])
+    mark(has_error & bad_text, "invalid_utf8", read_error)
+    mark(has_error & ~bad_text, "unreadable_row", read_error)
 
     ids = df["id"].to_numpy(dtype=object)
     mark(pd.isna(ids), "missing_id", "empty id")

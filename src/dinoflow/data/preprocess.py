@@ -17,7 +17,8 @@ Images stay encoded (WebP q90 by default, ~10-20 KB at 256 px) so 1M images fit 
 `benchmarks/bench_preprocess.py` measures both throughput and the file-per-image vs shard trade-off; its
 results are in `benchmarks/results/preprocess.md`.
 
-`paths.PROCESSED_INDEX` maps each id to (shard, row); its order (manifest order of ok rows) is the image
+`paths.PROCESSED_INDEX` maps each id to (shard, row) and to the byte range of its image inside the shard file
+(offset, length: O(1) memory-mapped random access, see `locate_blobs`); its order (manifest order of ok rows) is the image
 order every later stage uses. Read them with `dinoflow.data.store.ImageStore`.
 """
 
@@ -133,25 +134,31 @@ def open_rgb(path: str | os.PathLike,
     `PixelLimitError` from the header, before anything is decoded.
     """
     with _no_pillow_bomb_check():
-        im = Image.open(path)
+        opened = Image.open(path)
     try:
-        w, h = im.size
+        w, h = opened.size
         if max_pixels is not None and w * h > max_pixels:
             raise PixelLimitError(w, h, max_pixels)
         notes: list[str] = []
         # Before anything else reads the file (a PNG's getexif() loads the image and closes it).
-        if _png_bit_depth(im) == 16 and im.mode in ("RGB", "RGBA"):
+        if _png_bit_depth(opened) == 16 and opened.mode in ("RGB", "RGBA"):
             notes.append("16bit->8bit")
-        size = upright_size(im)
-        if draft_size is not None and im.format == "JPEG":
-            im.draft(im.mode, draft_size(w, h) if callable(draft_size) else draft_size)
-        im.load()  # Pillow closes the file after loading a single-frame image opened by name
+        size = upright_size(opened)
+        if draft_size is not None and opened.format == "JPEG":
+            opened.draft(opened.mode, draft_size(w, h) if callable(draft_size) else draft_size)
+        opened.load()
+        im = opened
         if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
             im = ImageOps.exif_transpose(im)
             notes.append("exif-rotated")
-        return to_rgb(im, notes), notes, size
+        out = to_rgb(im, notes)
+        if out is not opened:
+            opened.close()
+        # else: the decoded pixels are returned; Pillow closed the file after load() (single-frame formats) or
+        # it closes when the image is garbage-collected (multi-frame ones such as TIFF).
+        return out, notes, size
     except BaseException:
-        im.close()
+        opened.close()
         raise
 
 
@@ -294,24 +301,47 @@ def _shard_table(ids: list[str], blobs: list[bytes], size: int):
     import pyarrow as pa
 
     n = len(ids)
-    return pa.table({
-        "id": pa.array(ids, pa.string()),
-        "image": pa.array(blobs, pa.binary()),
-        "width": pa.array(np.full(n, size, np.int32)),
-        "height": pa.array(np.full(n, size, np.int32)),
-    })
+    schema = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("image", pa.binary(), nullable=False),
+                        pa.field("width", pa.int32(), nullable=False), pa.field("height", pa.int32(), nullable=False)])
+    return pa.table([pa.array(ids, pa.string()), pa.array(blobs, pa.binary()), pa.array(np.full(n, size, np.int32)),
+                     pa.array(np.full(n, size, np.int32))], schema=schema)
+
+
+def locate_blobs(path: str | Path, blobs: Sequence[bytes]) -> list[int]:
+    """Byte offset of each blob inside the written shard file, or -1 for all when one is not found verbatim.
+
+    The shard is written uncompressed with PLAIN encoding for `image`, so Parquet stores each value verbatim
+    after its 4-byte little-endian length, in row order. Recording where lets `ImageStore` slice an image out of
+    the memory-mapped file in O(1) without decoding a row group (random access for shuffled training);
+    each offset is checked against its length prefix, and readers fall back to Parquet when it does not hold.
+    """
+    import mmap
+
+    offsets: list[int] = []
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pos = 4
+        for blob in blobs:
+            found = mm.find(blob, pos)
+            if found < 4 or mm[found - 4:found] != len(blob).to_bytes(4, "little"):
+                return [-1] * len(blobs)
+            offsets.append(found)
+            pos = found + len(blob) + 4
+    return offsets
 
 
 def write_shards(records: Iterable[tuple[str, bytes]], out_dir: str | Path, shard_size: int, size: int,
-                 fmt: str) -> list[tuple[str, int, int]]:
-    """Stream (id, encoded bytes) records into Parquet shards; returns the index rows (id, shard, row)."""
+                 fmt: str) -> list[tuple[str, int, int, int, int]]:
+    """Stream (id, encoded bytes) records into Parquet shards.
+
+    Returns the index rows (id, shard, row, offset, length): offset/length locate the bytes in the shard file
+    (see `locate_blobs`; -1 when not located)."""
     import pyarrow.parquet as pq
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("shard-*.parquet"):  # a rerun with fewer images must not leave stale shards
         old.unlink()
-    index: list[tuple[str, int, int]] = []
+    index: list[tuple[str, int, int, int, int]] = []
     buf_ids: list[str] = []
     buf_blobs: list[bytes] = []
     shard = 0
@@ -320,10 +350,13 @@ def write_shards(records: Iterable[tuple[str, bytes]], out_dir: str | Path, shar
         nonlocal shard
         table = _shard_table(buf_ids, buf_blobs, size)
         table = table.replace_schema_metadata({"format": fmt, "size": str(size)})
-        # Images are already compressed: Parquet compression would only cost CPU.
-        pq.write_table(table, out_dir / SHARD_PATTERN.format(shard), compression="none",
-                       row_group_size=ROW_GROUP_SIZE, use_dictionary=["id"], write_statistics=False)
-        index.extend((i, shard, r) for r, i in enumerate(buf_ids))
+        path = out_dir / SHARD_PATTERN.format(shard)
+        # Images are already compressed: Parquet compression would only cost CPU. Dictionary encoding only for
+        # `id`, so `image` is PLAIN (verbatim bytes, see locate_blobs).
+        pq.write_table(table, path, compression="none", row_group_size=ROW_GROUP_SIZE, use_dictionary=["id"],
+                       write_statistics=False, data_page_version="1.0")
+        offsets = locate_blobs(path, buf_blobs)
+        index.extend((i, shard, r, off, len(b)) for r, (i, b, off) in enumerate(zip(buf_ids, buf_blobs, offsets)))
         buf_ids.clear()
         buf_blobs.clear()
         shard += 1
@@ -338,9 +371,19 @@ def write_shards(records: Iterable[tuple[str, bytes]], out_dir: str | Path, shar
     return index
 
 
-def main(params: dict[str, Any], **_: Any) -> None:
-    import pandas as pd
+def write_index(index_rows: Sequence[tuple], path: str | Path) -> None:
     import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = list(zip(*index_rows)) if index_rows else [[], [], [], [], []]
+    table = pa.table({"id": pa.array(cols[0], pa.string()), "shard": pa.array(cols[1], pa.int32()),
+                      "row": pa.array(cols[2], pa.int32()), "offset": pa.array(cols[3], pa.int64()),
+                      "length": pa.array(cols[4], pa.int64())})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def main(params: dict[str, Any], **_: Any) -> None:
     import pyarrow.parquet as pq
 
     cfg = params["preprocess"]
@@ -378,9 +421,6 @@ def main(params: dict[str, Any], **_: Any) -> None:
     if failures:
         raise DinoflowError(f"preprocess: {len(failures)} image(s) that ingest accepted could not be processed "
                             f"(rerun `dinoflow ingest`): " + "; ".join(failures[:5]))
-    index = pd.DataFrame(index_rows, columns=["id", "shard", "row"])
-    Path(paths.PROCESSED_INDEX).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pandas(index.astype({"shard": "int32", "row": "int32"}), preserve_index=False),
-                   paths.PROCESSED_INDEX)
-    log.info("preprocess: wrote %d images in %d shard(s) to %s, index %s", len(index),
-             index["shard"].nunique(), paths.PROCESSED_DIR, paths.PROCESSED_INDEX)
+    write_index(index_rows, paths.PROCESSED_INDEX)
+    log.info("preprocess: wrote %d images in %d shard(s) to %s, index %s", len(index_rows),
+             len({r[1] for r in index_rows}), paths.PROCESSED_DIR, paths.PROCESSED_INDEX)

@@ -1,8 +1,11 @@
 """Read the preprocessed images written by `dinoflow preprocess` (Parquet shards + index).
 
-`ImageStore` is lazy: it reads the small index up front and opens a shard (memory-mapped, so the OS page cache
-does the caching and worker processes share it) the first time one of its images is asked for. It keeps the
-last few shards' `image` columns; pickling drops them, so each DataLoader worker opens its own.
+`ImageStore` is lazy: it reads the small index up front and touches a shard only when one of its images is
+asked for. The index records where each image's bytes sit inside its shard file, so a read is a slice of the
+memory-mapped file: O(1), no Parquet decoding, and the bytes live once in the OS page cache, shared by all
+DataLoader workers. Shards without located offsets (written by other tools) are read through Parquet instead,
+keeping the last `cache_shards` `image` columns. Pickling drops the maps and the cache, so each worker opens its
+own.
 """
 
 from __future__ import annotations
@@ -40,10 +43,15 @@ class ImageStore:
         if not self.index_path.exists():
             raise DinoflowError(f"{self.index_path}: index of processed images not found "
                                 "(run `dinoflow preprocess` first)")
-        table = pq.read_table(self.index_path, columns=["id", "shard", "row"])
+        table = pq.read_table(self.index_path)
         self._ids: list[str] = table.column("id").to_pylist()
         self._shard = table.column("shard").to_numpy().astype(np.int64)
         self._row = table.column("row").to_numpy().astype(np.int64)
+        n = len(self._ids)
+        has_offsets = "offset" in table.column_names and "length" in table.column_names
+        self._offset = table.column("offset").to_numpy().astype(np.int64) if has_offsets else np.full(n, -1)
+        self._length = table.column("length").to_numpy().astype(np.int64) if has_offsets else np.full(n, -1)
+        self._maps: dict[int, Any] = {}
         self._pos = {image_id: i for i, image_id in enumerate(self._ids)}
         if len(self._pos) != len(self._ids):
             raise DinoflowError(f"{self.index_path}: duplicate ids in the index (rerun `dinoflow preprocess`)")
@@ -77,8 +85,30 @@ class ImageStore:
         """The stored encoded bytes of the i-th image (WebP / JPEG / PNG as preprocess.format said)."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"image index {i} out of range for {len(self)} images")
-        column = self._shard_images(int(self._shard[i]))
-        return column[int(self._row[i])].as_py()
+        shard, offset = int(self._shard[i]), int(self._offset[i])
+        if offset >= 0:
+            mm = self._map(shard)
+            length = int(self._length[i])
+            # The 4-byte length prefix Parquet writes before each PLAIN value guards against a stale index.
+            if mm[offset - 4:offset] == length.to_bytes(4, "little"):
+                return mm[offset:offset + length]
+        return self._shard_images(shard)[int(self._row[i])].as_py()
+
+    def _shard_path(self, shard: int) -> Path:
+        path = self.processed_dir / SHARD_PATTERN.format(shard)
+        if not path.exists():
+            raise DinoflowError(f"{path}: shard listed in {self.index_path} is missing (rerun `dinoflow preprocess`)")
+        return path
+
+    def _map(self, shard: int):
+        mm = self._maps.get(shard)
+        if mm is None:
+            import mmap
+
+            with open(self._shard_path(shard), "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[shard] = mm
+        return mm
 
     def _shard_images(self, shard: int):
         column = self._cache.get(shard)
@@ -87,11 +117,7 @@ class ImageStore:
             return column
         import pyarrow.parquet as pq
 
-        path = self.processed_dir / SHARD_PATTERN.format(shard)
-        if not path.exists():
-            raise DinoflowError(f"{path}: shard listed in {self.index_path} is missing (rerun `dinoflow preprocess`)")
-        # memory_map: the bytes stay in the page cache, not copied into this process's heap.
-        column = pq.read_table(path, columns=["image"], memory_map=True).column("image")
+        column = pq.read_table(self._shard_path(shard), columns=["image"], memory_map=True).column("image")
         self._cache[shard] = column
         while len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)
@@ -99,7 +125,8 @@ class ImageStore:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_cache"] = OrderedDict()  # Arrow buffers of mapped files do not travel; each worker maps its own
+        state["_cache"] = OrderedDict()  # mapped files and Arrow buffers do not travel; each worker maps its own
+        state["_maps"] = {}
         return state
 
     def __repr__(self) -> str:

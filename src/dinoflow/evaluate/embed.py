@@ -4,7 +4,7 @@ Parquet: `id` and fixed-size float32 list columns `cls`, `patch_mean`; schema me
 model name, arch, weights source, stand-in flag and label, params hash. Images come from the processed store
 (`ImageStore`) in manifest order; the eval transform is the model's timm data_config (`data.transforms`): resize
 and centre crop in DataLoader workers on uint8, normalisation on the device per batch. No grad; on CUDA bf16
-autocast, pinned memory and non-blocking copies. `read_embeddings` is the reader every later stage uses.
+autocast, batches of at least 256, pinned memory and non-blocking copies. `read_embeddings` is the reader every later stage uses.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from dinoflow.utils import get_logger, resolve_device, seed_everything
 log = get_logger(__name__)
 
 EMBED_COLUMNS = ("cls", "patch_mean")
+GPU_MIN_BATCH = 256
 
 
 def read_embeddings(path: str, column: str = "cls") -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +98,10 @@ def main(params: dict[str, Any], model: str) -> None:
     data_config = encoder.data_config
     dataset = Subset(ImageDataset(store, EvalTransform(data_config)), positions)
     batch_size = int(cfg["batch_size"])
+    if device.type == "cuda" and batch_size < GPU_MIN_BATCH:
+        log.info("embed.batch_size=%d raised to %d on CUDA (inference only: large batches keep the GPU busy)",
+                 batch_size, GPU_MIN_BATCH)
+        batch_size = GPU_MIN_BATCH
     workers = int(cfg.get("num_workers", default_workers(len(ids), batch_size, device)))
     log.info("%s: embedding %d images on %s (batch %d, %d workers, input %s)", model, len(ids), device,
              batch_size, workers, data_config["input_size"])

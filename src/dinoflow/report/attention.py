@@ -9,7 +9,7 @@ the channel L2 norm of the last feature map and says so in its title. The maps t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from dinoflow.errors import DinoflowError
 from dinoflow.report.figures import hide_axes, image_panel, model_row_title, new_figure, save_figure, wrap_text
 from dinoflow.report.grids import query_file_name, read_model_info, read_ok_manifest, select_queries
 from dinoflow.utils import get_logger, seed_everything, write_json
+
+if TYPE_CHECKING:
+    import torch
 
 log = get_logger(__name__)
 
@@ -39,17 +42,12 @@ def attention_query_ids(grid_queries: Sequence[str], extra: Sequence[str], ok_id
     return out
 
 
-def model_input(image, encoder) -> "torch.Tensor":
-    """The image as the model sees it at evaluation: resized to the model's input size, normalised with
-    its timm data config. Stored images are square (crop or pad at preprocess), so no crop is needed."""
-    import torch
-    from torchvision.transforms import v2
+def model_input(image, encoder) -> torch.Tensor:
+    """(1, 3, H, W): the image as `dinoflow embed` feeds it to the model (the same eval transform). Stored
+    images are square, so the centre crop keeps the whole image and the maps line up with it."""
+    from dinoflow.data.transforms import eval_transform
 
-    cfg = encoder.data_config
-    _, h, w = cfg["input_size"]
-    tf = v2.Compose([v2.PILToTensor(), v2.Resize((h, w), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                     v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(cfg["mean"]), std=list(cfg["std"]))])
-    return tf(image.convert("RGB")).unsqueeze(0)
+    return eval_transform(encoder.data_config)(image).unsqueeze(0)
 
 
 def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:

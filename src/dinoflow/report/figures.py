@@ -17,7 +17,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
@@ -102,7 +101,7 @@ def read_dvclive_curves(log_dir: str | Path) -> dict[str, pd.DataFrame]:
 
 
 def training_curves_figure(model: str, curves: Mapping[str, pd.DataFrame], title: str | None = None,
-                           max_panels: int = 16) -> Figure:
+                           max_panels: int = 24) -> Figure:
     """One small panel per logged series (losses first), for one model."""
     names = sorted(curves, key=lambda n: (0 if "loss" in n.lower() else 1, n))[:max_panels]
     ncols = min(4, max(1, len(names)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,9 @@ from dinoflow.errors import DinoflowError
 from dinoflow.report.figures import (hide_axes, image_panel, model_row_title, new_figure, save_figure,
                                      wrap_text)
 from dinoflow.utils import get_logger, read_json, write_json
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = get_logger(__name__)
 
@@ -128,7 +131,7 @@ def read_model_info(model: str) -> dict[str, Any] | None:
 
 # --------------------------------------------------------------------------------------------------- figure
 def grid_figure(query_id: str, rows: Sequence[tuple[str, list[tuple[str, float]]]], k: int,
-                get_image: Callable[[str], Any], captions: Mapping[str, str]) -> "Figure":
+                get_image: Callable[[str], Any], captions: Mapping[str, str]) -> Figure:
     """One row per model: the query, then its neighbours with score and caption below each image."""
     ncols = 1 + k
     fig = new_figure(1.9 * ncols + 0.8, 2.45 * len(rows) + 0.6)

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from dinoflow import paths
-from dinoflow.config import model_config, model_names, params_hash
+from dinoflow.config import model_config, model_names
 from dinoflow.errors import DinoflowError
 from dinoflow.report import figures as F
 from dinoflow.report.grids import GRID_QUERIES, caption_of, read_model_info
@@ -25,12 +25,12 @@ from dinoflow.utils import get_logger, read_json, write_json
 log = get_logger(__name__)
 
 REPORT_FIGURES_DIR = "reports/figures/report"  # figures drawn by this stage (also inlined in the page)
-TEXT_METRICS = "metrics/text.json"
+TEXT_METRICS = getattr(paths, "TEXT_METRICS", "metrics/text.json")  # written by `dinoflow embed-text`
 ATTENTION_QUERIES = f"{paths.ATTENTION_DIR}/queries.json"
 
-# Alignment keys shown with a name of their own; any other number in a field's dict is shown too.
+# Alignment numbers shown in the comparison table (every number goes to reports/metrics.json).
 ALIGN_KEYS = {"spearman": "Spearman [95% CI]", "mantel_p": "Mantel p", "mean_query_spearman": "mean per-query Spearman",
-              "mutual_knn": "mutual kNN", "n_items": "items", "n_pairs": "pairs"}
+              "mutual_knn": "mutual kNN", "n_items": "images with this text"}
 LOWER_IS_BETTER = ("mantel_p", "p_value")
 NOT_COMPARED = ("n_items", "n_pairs", "n_train", "n_test", "n_classes", "k", "n_bootstrap", "n_permutations", "ci_low",
                 "ci_high", "seed")
@@ -88,6 +88,19 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     elif is_number(obj) and not (isinstance(obj, float) and math.isnan(obj)):
         out[prefix] = obj
     return out
+
+
+def _read_object(path: Path) -> dict[str, Any]:
+    """A metrics JSON file that must hold an object."""
+    import json
+
+    try:
+        data = read_json(path)
+    except json.JSONDecodeError as exc:
+        raise DinoflowError(f"{path}: not valid JSON ({exc}); re-run the stage that writes it") from exc
+    if not isinstance(data, Mapping):
+        raise DinoflowError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def _slug(text: str) -> str:
@@ -164,20 +177,18 @@ def training_section(params: dict[str, Any], fig_dir: Path) -> tuple[list[dict],
     return entries, all_curves
 
 
-def finetune_section(params: dict[str, Any], curves: Mapping[str, Mapping], fig_dir: Path) -> dict[str, Any]:
-    """The two fine-tunes' head/backbone curves on one figure: the training stage's figure when it wrote one,
-    else drawn here from the dvclive logs."""
-    if Path(paths.FINETUNE_CURVES_PLOT).exists():
-        return {"img": file_data_uri(paths.FINETUNE_CURVES_PLOT)}
+def finetune_section(params: dict[str, Any], curves: Mapping[str, Mapping]) -> dict[str, Any]:
+    """The fine-tunes' head and backbone curves (losses of the two phases, gradient norms, learning rates) on one
+    figure, one line per fine-tune, written to paths.FINETUNE_CURVES_PLOT and inlined."""
     fts = [m for m in model_names(params) if is_finetune(params, m)]
     if not fts:
-        return {"reason": "no model of the list fine-tunes pretrained weights"}
+        return {"reason": "no model of the list fine-tunes existing weights"}
     have = {m: curves[m] for m in fts if m in curves}
     series = sorted({n for c in have.values() for n in c if "head" in n.lower() or "backbone" in n.lower()})
     if not series:
         return {"reason": f"no head/backbone curves logged for {', '.join(fts)} under metrics/train/"}
     fig = F.finetune_curves_figure(have, series)
-    return {"img": figure_uri(fig, fig_dir / "finetune_curves.png")}
+    return {"img": figure_uri(fig, paths.FINETUNE_CURVES_PLOT)}
 
 
 def lr_search_section(params: dict[str, Any], fig_dir: Path, max_rows: int = 50) -> dict[str, Any]:
@@ -206,11 +217,17 @@ def lr_search_section(params: dict[str, Any], fig_dir: Path, max_rows: int = 50)
 
 
 # ------------------------------------------------------------------------------------------------ alignment
-def align_fields(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """{text field: its metrics} from a metrics/align/<model>.json: dict entries that hold a `spearman`
-    (either at the top level or under `fields`)."""
+def align_fields(data: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """({text field: its metrics}, {text field: why it was skipped}) from a metrics/align/<model>.json
+    (`evaluate.align` writes the fields under `fields`)."""
     src = data.get("fields") if isinstance(data.get("fields"), Mapping) else data
-    return {k: dict(v) for k, v in src.items() if isinstance(v, Mapping) and "spearman" in v}
+    fields, skipped = {}, {}
+    for k, v in src.items():
+        if isinstance(v, Mapping) and is_number(v.get("spearman")):
+            fields[str(k)] = dict(v)
+        elif isinstance(v, Mapping) and v.get("skipped"):
+            skipped[str(k)] = str(v["skipped"])
+    return fields, skipped
 
 
 def read_align(models: Sequence[str]) -> tuple[dict[str, dict[str, dict]], list[str]]:
@@ -220,11 +237,12 @@ def read_align(models: Sequence[str]) -> tuple[dict[str, dict[str, dict]], list[
         if not p.exists():
             reasons.append(f"alignment of {m}: {p} not found (run `dinoflow align --model {m}`)")
             continue
-        fields = align_fields(read_json(p))
-        if not fields:
-            reasons.append(f"alignment of {m}: {p} holds no text field (no captions or keywords?)")
-            continue
-        out[m] = fields
+        fields, skipped = align_fields(_read_object(p))
+        reasons += [f"alignment of {m} on {f}: {why}" for f, why in skipped.items()]
+        if not fields and not skipped:
+            reasons.append(f"alignment of {m}: {p} holds no text field")
+        if fields:
+            out[m] = fields
     return out, reasons
 
 
@@ -240,26 +258,19 @@ def alignment_charts(align: Mapping[str, Mapping[str, dict]], fig_dir: Path) -> 
 
 # --------------------------------------------------------------------------------------------------- probes
 def probe_labels(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """{label column: {"knn": {"top1", "top5"}, "linear": {...}, "confusion": {...} | None, ...}} from a
-    metrics/probes/<model>.json. Label entries are dicts holding a `knn` or `linear` dict (at the top level or
-    under `labels`)."""
-    src = data.get("labels") if isinstance(data.get("labels"), Mapping) else data
-    out = {}
-    for label, entry in src.items():
-        if isinstance(entry, Mapping) and any(isinstance(entry.get(c), Mapping) for c in ("knn", "linear")):
-            out[str(label)] = dict(entry)
-    return out
+    """{label column: {"classes", "n_test", "chance_top1", "knn": {"top1", "top5", "confusion"}, "linear": ...}}
+    from a metrics/probes/<model>.json (`evaluate.probes` writes them under `columns`)."""
+    src = data.get("columns") if isinstance(data.get("columns"), Mapping) else data
+    return {str(label): dict(entry) for label, entry in src.items()
+            if isinstance(entry, Mapping) and any(isinstance(entry.get(c), Mapping) for c in ("knn", "linear"))}
 
 
-def _confusion(entry: Mapping[str, Any]) -> tuple[list, list[str], str] | None:
-    cm = entry.get("confusion_matrix") or entry.get("confusion")
-    if not isinstance(cm, Mapping):
-        return None
-    matrix = cm.get("matrix")
-    classes = cm.get("classes") or cm.get("labels")
+def _confusion(entry: Mapping[str, Any], clf: str) -> tuple[list, list[str]] | None:
+    matrix = (entry.get(clf) or {}).get("confusion")
+    classes = entry.get("classes")
     if matrix is None or classes is None:
         return None
-    return matrix, [str(c) for c in classes], str(cm.get("classifier") or cm.get("probe") or "")
+    return matrix, [str(c) for c in classes]
 
 
 def read_probes(params: dict[str, Any], models: Sequence[str]) -> tuple[dict[str, dict[str, dict]], list[str]]:
@@ -271,10 +282,10 @@ def read_probes(params: dict[str, Any], models: Sequence[str]) -> tuple[dict[str
         if not p.exists():
             reasons.append(f"probes of {m}: {p} not found (run `dinoflow probes --model {m}`)")
             continue
-        data = read_json(p)
+        data = _read_object(p)
         labels = probe_labels(data)
         if not labels:
-            why = data.get("reason") or data.get("skipped") if isinstance(data, Mapping) else None
+            why = data.get("reason") or data.get("skipped")
             reasons.append(f"probes of {m}: {p} holds no probe result" + (f" ({why})" if why else ""))
             continue
         out[m] = labels
@@ -298,18 +309,23 @@ def probes_section(probes: Mapping[str, Mapping[str, dict]], fig_dir: Path) -> l
         rank_col = next((j for j, c in enumerate(columns) if c == ("linear", "top1")), None)
         if rank_col is None:
             rank_col = next((j for j, c in enumerate(columns) if c[1] == "top1"), None)
-        entry: dict[str, Any] = {"label": label, "columns": [f"{clf} {s[:3]}-{s[3:]}" for clf, s in columns],
-                                 "rows": rows}
+        for row in rows:  # context for reading the scores: majority-class accuracy and test size
+            e = probes[row["model"]][label]
+            row["cells"] += [{"text": fmt(e.get("chance_top1")), "best": False}, {"text": fmt(e.get("n_test")),
+                                                                                   "best": False}]
+        entry: dict[str, Any] = {"label": label, "columns": [f"{clf} {s[:3]}-{s[3:]}" for clf, s in columns]
+                                 + ["chance top-1", "test images"], "rows": rows}
         if rank_col is not None and any(is_number(values[m][rank_col]) for m in models):
             best = max((m for m in models if is_number(values[m][rank_col])), key=lambda m: values[m][rank_col])
             entry["best_model"] = best
             entry["best_by"] = f"{columns[rank_col][0]} top-1 {fmt(values[best][rank_col])}"
-            cm = _confusion(probes[best][label])
+            clf = columns[rank_col][0]
+            cm = _confusion(probes[best][label], clf)
             if cm is None:
-                entry["confusion_reason"] = f"no confusion matrix in {paths.probe_metrics(best)} for {label}"
+                entry["confusion_reason"] = f"no {clf} confusion matrix in {paths.probe_metrics(best)} for {label}"
             else:
-                matrix, classes, clf = cm
-                title = f"{best}, {label}" + (f" ({clf} probe)" if clf else "")
+                matrix, classes = cm
+                title = f"{best}, {label} ({clf} probe, test split)"
                 fig = F.confusion_matrix_figure(matrix, classes, title)
                 entry["confusion"] = figure_uri(fig, fig_dir / f"confusion_{_slug(label)}.png")
         sections.append(entry)
@@ -317,6 +333,16 @@ def probes_section(probes: Mapping[str, Mapping[str, dict]], fig_dir: Path) -> l
 
 
 # ----------------------------------------------------------------------------------------------- comparison
+def _spearman_text(d: Mapping[str, Any]) -> str:
+    """"0.412 [0.401, 0.423]" for a sampled estimate, "0.412 (exact)" for the exact value (no interval)."""
+    if not is_number(d.get("spearman")):
+        return "–"
+    lo, hi = d.get("ci_low"), d.get("ci_high")
+    if d.get("method") != "exact" and is_number(lo) and is_number(hi):
+        return f"{fmt(d['spearman'])} [{fmt(lo)}, {fmt(hi)}]"
+    return f"{fmt(d['spearman'])} ({d.get('method') or 'exact'})"
+
+
 def comparison_rows(models: Sequence[str], align: Mapping[str, Mapping[str, dict]],
                     probes: Mapping[str, Mapping[str, dict]]) -> list[dict[str, Any]]:
     """Rows of the all-models table: one per (text field, metric) and (label, probe, top-k)."""
@@ -332,25 +358,23 @@ def comparison_rows(models: Sequence[str], align: Mapping[str, Mapping[str, dict
 
     fields = list(dict.fromkeys(f for per in align.values() for f in per))
     for field in fields:
-        per = [align.get(m, {}).get(field) for m in models]
-        keys = list(dict.fromkeys(k for d in per if d for k, v in d.items() if is_number(v)))
-        ordered = [k for k in ALIGN_KEYS if k in keys] + [k for k in keys if k not in ALIGN_KEYS]
-        for key in ordered:
-            if key in ("ci_low", "ci_high"):
+        per = [align.get(m, {}).get(field) or {} for m in models]
+        for key in ALIGN_KEYS:
+            values = [d.get(key) for d in per]
+            if not any(is_number(v) for v in values):
                 continue
-            values = [d.get(key) if d else None for d in per]
+            texts = [fmt(v) for v in values]
+            label = ALIGN_KEYS[key]
             if key == "spearman":
-                texts = []
-                for d in per:
-                    if not d:
-                        texts.append("–")
-                    elif is_number(d.get("ci_low")) and is_number(d.get("ci_high")):
-                        texts.append(f"{fmt(d['spearman'])} [{fmt(d['ci_low'])}, {fmt(d['ci_high'])}]")
-                    else:
-                        texts.append(f"{fmt(d.get('spearman'))}" + (f" ({d['method']})" if d.get("method") else ""))
-            else:
-                texts = [fmt(v) for v in values]
-            add(f"{field}: {ALIGN_KEYS.get(key, key)}", key, values, texts)
+                texts = [_spearman_text(d) for d in per]
+            elif key == "mean_query_spearman":
+                texts = [fmt(d.get(key)) + (f" ± {fmt(d['query_spearman_sem'])}"
+                                            if is_number(d.get("query_spearman_sem")) else "") for d in per]
+                label += " (± SEM)"
+            elif key == "mutual_knn":
+                ks = {d.get("mutual_knn_k") for d in per if d}
+                label += f"@{ks.pop()}" if len(ks) == 1 and None not in ks else ""
+            add(f"{field}: {label}", key, values, texts)
     labels = list(dict.fromkeys(l for per in probes.values() for l in per))
     for label in labels:
         for clf in ("knn", "linear"):
@@ -369,9 +393,7 @@ def flat_metrics(models: Sequence[str], align: Mapping[str, Mapping[str, dict]],
     for m in models:
         flat = {}
         flat.update(flatten(align.get(m, {}), "align"))
-        per = {l: {k: v for k, v in e.items() if k not in ("confusion_matrix", "confusion")}
-               for l, e in probes.get(m, {}).items()}
-        flat.update(flatten(per, "probes"))
+        flat.update(flatten(probes.get(m, {}), "probes"))  # confusion matrices and class lists are lists: left out
         out[m] = dict(sorted(flat.items()))
     return out
 
@@ -413,11 +435,14 @@ def build(params: dict[str, Any], fig_dir: str | Path = REPORT_FIGURES_DIR) -> t
 
     text_counts = []
     if Path(TEXT_METRICS).exists():
-        text_counts = [(k, fmt(v)) for k, v in sorted(flatten(read_json(TEXT_METRICS)).items())]
+        text = read_json(TEXT_METRICS)
+        if text.get("text_model"):
+            text_counts.append(("text model", f"{text['text_model']} ({text.get('text_model_source', '?')})"))
+        text_counts += [(k, fmt(v)) for k, v in sorted(flatten(text.get("fields", text)).items())]
 
     training, curves = training_section(params, fig_dir)
     not_run += [(f"training of {t['model']}", t["reason"]) for t in training if "reason" in t]
-    finetune = finetune_section(params, curves, fig_dir)
+    finetune = finetune_section(params, curves)
     lr_search = lr_search_section(params, fig_dir)
     if not lr_search["ok"]:
         not_run.append(("learning-rate search", lr_search["reason"]))
@@ -435,7 +460,6 @@ def build(params: dict[str, Any], fig_dir: str | Path = REPORT_FIGURES_DIR) -> t
     context = {
         "title": (params.get("report") or {}).get("title") or "dinoflow report",
         "collection_name": params["collection"].get("name", ""),
-        "params_hash": params_hash(params),
         "models": model_rows,
         "any_stand_in": any(r["info"] and r["info"].get("stand_in") for r in model_rows),
         "collection": collection,
@@ -443,7 +467,10 @@ def build(params: dict[str, Any], fig_dir: str | Path = REPORT_FIGURES_DIR) -> t
         "training": training,
         "finetune": finetune,
         "lr_search": lr_search,
-        "comparison": {"models": models, "rows": rows,
+        "untrained": [m for m in models if not trains(params, m)],
+        "comparison": {"models": [{"name": r["name"], "stand_in": bool(r["info"] and r["info"].get("stand_in")),
+                                   "stand_in_label": (r["info"] or {}).get("stand_in_label", "")} for r in model_rows],
+                       "rows": rows,
                        "reason": "no alignment or probe metrics found (run `dinoflow align` / `dinoflow probes`)"},
         "alignment": alignment_charts(align, fig_dir),
         "alignment_not_run": align_reasons,

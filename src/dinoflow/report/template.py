@@ -41,7 +41,7 @@ header code { background: #3b5169; color: #fff; }
 <body>
 <header>
 <h1>{{ title }}</h1>
-<div>collection <b>{{ collection_name }}</b> · {{ models|length }} model(s) · parameters hash <code>{{ params_hash }}</code></div>
+<div>collection <b>{{ collection_name }}</b> · {{ models|length }} model(s)</div>
 <nav>
 <a href="#models">models</a><a href="#collection">collection</a><a href="#training">training</a>
 <a href="#comparison">comparison</a><a href="#alignment">alignment</a><a href="#probes">probes</a>
@@ -55,15 +55,16 @@ header code { background: #3b5169; color: #fff; }
 <h2>Models and their weights</h2>
 {% if any_stand_in %}<p class="standin">Some models use stand-in weights: read their rows with the label below in mind.</p>{% endif %}
 <table>
-<tr><th>model</th><th>architecture</th><th>init</th><th>training</th><th>trainable</th><th>weights</th><th>note</th></tr>
+<tr><th>model</th><th>architecture</th><th>init</th><th>training</th><th>trainable</th><th>weights</th><th>note</th><th>params hash</th></tr>
 {% for m in models %}
 <tr><td><b>{{ m.name }}</b></td>
 {% if m.info %}
 <td>{{ m.info.arch }}</td><td>{{ m.info.init }}</td><td>{{ m.info.method }}</td><td>{{ m.info.trainable }}</td>
 <td>{{ m.info.weights_source }}</td>
 <td>{% if m.info.stand_in %}<span class="standin">{{ m.info.stand_in_label or "stand-in" }}</span>{% endif %}</td>
+<td><code>{{ m.info.params_hash }}</code></td>
 {% else %}
-<td colspan="6">{{ notrun(m.reason) }}</td>
+<td colspan="7">{{ notrun(m.reason) }}</td>
 {% endif %}
 </tr>
 {% endfor %}
@@ -105,6 +106,7 @@ header code { background: #3b5169; color: #fff; }
 {% else %}{{ notrun(t.reason) }}{% endif %}
 {% endfor %}
 {% if not training %}<p class="muted">No model of the list trains.</p>{% endif %}
+{% if untrained %}<p class="muted">Not trained (weights used as initialised or loaded): {{ untrained|join(", ") }}.</p>{% endif %}
 <h3>Fine-tunes: head and backbone</h3>
 {% if finetune.img %}<img src="{{ finetune.img }}" alt="fine-tune curves">{% else %}{{ notrun(finetune.reason) }}{% endif %}
 <h3>Learning-rate search</h3>
@@ -122,7 +124,7 @@ header code { background: #3b5169; color: #fff; }
 confidence interval where it was estimated from sampled pairs (exact values have none). Mantel p: permutation p-value.
 Best value per row in bold (higher is better for every metric except p-values and counts).</p>
 {% if comparison.rows %}
-<table><tr><th>metric</th>{% for m in comparison.models %}<th>{{ m }}</th>{% endfor %}</tr>
+<table><tr><th>metric</th>{% for m in comparison.models %}<th>{{ m.name }}{% if m.stand_in %}<br><span class="standin" title="{{ m.stand_in_label }}">stand-in</span>{% endif %}</th>{% endfor %}</tr>
 {% for row in comparison.rows %}<tr><th>{{ row.label }}</th>{% for cell in row.cells %}<td class="num{% if cell.best %} best{% endif %}">{{ cell.text }}</td>{% endfor %}</tr>{% endfor %}
 </table>
 {% else %}{{ notrun(comparison.reason) }}{% endif %}

@@ -217,7 +217,7 @@ class DinoTrainer:
             # Fine-tunes toggle requires_grad (head warm-up) so DDP must tolerate parameters without gradients.
             self.student_ddp = DistributedDataParallel(
                 self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=finetune, broadcast_buffers=False)
+                find_unused_parameters=finetune, )
         self.forward = torch.compile(self.student_ddp) if t.get("compile") else self.student_ddp
 
         # -- losses

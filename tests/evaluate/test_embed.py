@@ -1,0 +1,82 @@
+"""`dinoflow embed`: the eval transform against timm's, and the Parquet written for a tiny random encoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from dinoflow import paths
+from dinoflow.config import load_params
+from dinoflow.data.transforms import EvalTransform, Normalize, eval_transform
+from dinoflow.errors import DinoflowError
+from dinoflow.evaluate.embed import read_embeddings, read_embeddings_metadata
+
+
+def test_eval_transform_matches_timm():
+    import timm.data
+
+    cfg = {"input_size": (3, 28, 28), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+           "std": (0.229, 0.224, 0.225), "crop_pct": 1.0, "crop_mode": "center"}
+    rng = np.random.default_rng(0)
+    # a smooth image (resampling kernels differ only on sharp edges between PIL and torch)
+    yy, xx = np.mgrid[0:64, 0:80]
+    arr = np.stack([127 + 100 * np.sin(xx / 9.0), 127 + 100 * np.cos(yy / 7.0), 60 + xx + yy * 0], -1)
+    img = Image.fromarray(np.clip(arr + rng.normal(0, 2, arr.shape), 0, 255).astype(np.uint8))
+    ours = eval_transform(cfg)(img)
+    ref = timm.data.create_transform(**cfg, is_training=False)(img)
+    assert ours.shape == ref.shape == (3, 28, 28)
+    assert (ours - ref).abs().mean() < 0.02
+    u8 = EvalTransform(cfg)(img)
+    assert u8.dtype == torch.uint8 and u8.shape == (3, 28, 28)
+    np.testing.assert_allclose(Normalize(cfg)(u8[None])[0], ours, atol=1e-6)
+
+
+@pytest.fixture
+def embedded(tiny_workspace, monkeypatch):
+    """Ingest + preprocess the tiny collection, save the random model, run `dinoflow embed`."""
+    from dinoflow.data import ingest, preprocess
+    from dinoflow.evaluate import embed
+    from dinoflow.models.factory import create_encoder, save_encoder
+
+    monkeypatch.chdir(tiny_workspace)
+    params = load_params("params.yaml")
+    ingest.main(params)
+    preprocess.main(params)
+    encoder, info = create_encoder(params, "random")
+    save_encoder(encoder, paths.model_weights("random"), info)
+    embed.main(params, model="random")
+    return params, encoder
+
+
+def test_embed_writes_schema_and_known_values(embedded):
+    from dinoflow.data.store import ImageStore
+
+    params, encoder = embedded
+    out = paths.embeddings("random")
+    schema = pq.read_schema(out)
+    dim = encoder.embed_dim
+    assert schema.field("id").type == pa.string()
+    for col in ("cls", "patch_mean"):
+        assert schema.field(col).type == pa.list_(pa.float32(), dim)  # FixedSizeList<float32>[D]
+    meta = read_embeddings_metadata(out)
+    assert meta["model"] == "random" and meta["stand_in"] is False and meta["weights_source"].startswith("random")
+    assert len(meta["params_hash"]) == 16
+    ids, cls = read_embeddings(out, "cls")
+    manifest = __import__("pandas").read_parquet(paths.MANIFEST)
+    assert list(ids) == manifest.loc[manifest["status"] == "ok", "id"].tolist()
+    assert cls.dtype == np.float32 and cls.shape == (len(ids), dim)
+    # known answer: the same encoder on the same stored image, transformed by hand
+    store = ImageStore(paths.PROCESSED_DIR)
+    cfg = encoder.data_config
+    x = Normalize(cfg)(EvalTransform(cfg)(store.get_by_id(ids[3]))[None])
+    with torch.no_grad():
+        ref = encoder.eval().embed(x)
+    np.testing.assert_allclose(cls[3], ref["cls"][0].numpy(), rtol=1e-4, atol=1e-5)
+    _, pm = read_embeddings(out, "patch_mean")
+    np.testing.assert_allclose(pm[3], ref["patch_mean"][0].numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(DinoflowError, match="nope"):
+        read_embeddings(out, "nope")

@@ -174,7 +174,9 @@ def markdown(res: dict) -> str:
     tp, st = res["throughput"], res["storage"]
     lines = [
         "# Preprocessing benchmark", "",
-        f"`{res['command']}` — {res['machine']}, {res['cpus']} CPU(s) available, {res['date']}.", "",
+        f"`{res['command']}` — {res['machine']}, {res['cpus']} CPU(s) available, {res['date']}; 1-min load "
+        f"average {res['load_average_1min_before']:.1f} before / {res['load_average_1min_after']:.1f} after (other "
+        "jobs on the machine slow every variant alike; the pool row is the one that suffers most).", "",
         f"## Throughput ({tp['images']} images, {res['source']}, to {SIZE} px)", "",
         "| variant | images/s | × plain PIL loop |", "|---|---:|---:|",
     ]
@@ -213,6 +215,7 @@ def main() -> int:
     n = args.n or (40 if args.quick else 240)
     m = args.storage_items or (2000 if args.quick else 20000)
     workers = resolve_workers(args.workers)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp_name:
         tmp = Path(tmp_name)
         if args.images:
@@ -229,6 +232,7 @@ def main() -> int:
             "quick": args.quick, "source": source, "size": SIZE, "workers": workers,
             "machine": f"{platform.machine()} {platform.python_implementation()} {platform.python_version()}",
             "cpus": resolve_workers(0), "date": time.strftime("%Y-%m-%d"),
+            "load_average_1min_before": load_before, "load_average_1min_after": os.getloadavg()[0],
             "throughput": tp, "formats": formats(files), "storage": storage(blobs, m, tmp),
         }
     out = Path(args.out)

@@ -100,7 +100,7 @@ def lightly_step(params: dict, batch: dict, device: torch.device):
         torch.nn.utils.clip_grad_norm_(student.parameters(), t["clip_grad"])
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 

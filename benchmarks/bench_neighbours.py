@@ -75,7 +75,7 @@ def main() -> int:
     (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
     md = f"""# FAISS neighbour search vs exact ({'quick' if args.quick else 'full'})
 
-`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/bench_neighbours.py{' --quick' if args.quick else ''} --index {args.index}`
+`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/bench_neighbours.py {' '.join(sys.argv[1:])}`
 ({os.cpu_count()} shared CPU cores, load average at the end {os.getloadavg()[0]:.1f})
 
 | | value |

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time

@@ -4,7 +4,7 @@ error against it.
     OMP_NUM_THREADS=2 python benchmarks/bench_spearman.py [--quick] [--n N]
 
 Data: synthetic image / text embeddings (d = 384 each) sharing a 16-dimensional latent factor, so the two
-similarity matrices are correlated (Spearman ~0.3-0.5) and their values are spread like real cosine similarities.
+similarity matrices are correlated and their values are spread like real cosine similarities.
 Exact method: `dinoflow.evaluate.spearman.exact_pair_spearman` (three streamed passes over row blocks of the upper
 triangle, exact average ranks from a two-level counting table; never stores the pairs). Baseline measured in the
 same run: one pass of the two similarity matrix products alone (the irreducible cost of looking at every pair);
@@ -103,7 +103,7 @@ def main() -> int:
     gib = 1 << 30
     md = f"""# Exact all-pairs Spearman ({'quick' if args.quick else 'full'})
 
-`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/bench_spearman.py{' --quick' if args.quick else ''}`
+`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/bench_spearman.py {' '.join(sys.argv[1:])}`
 on {os.cpu_count()} CPU cores (shared machine; load average at the end {os.getloadavg()[0]:.1f}).
 
 | | value |

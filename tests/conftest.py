@@ -23,6 +23,7 @@ def tiny_params(collection: dict) -> dict:
     params["preprocess"]["size"] = 64
     params["preprocess"]["shard_size"] = 10
     params["preprocess"]["workers"] = 1
+    params["ingest"]["workers"] = 1
     params["backbone"].update({"img_size": 28, "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}})
     params["pretrained"]["img_size"] = 32
     params["train"].update({"epochs": 2, "batch_size": 8, "global_crop_size": 28, "local_crop_size": 14,

@@ -10,7 +10,6 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image

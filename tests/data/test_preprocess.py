@@ -6,7 +6,6 @@ import io
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -18,7 +17,7 @@ from dinoflow.data import ingest, preprocess
 from dinoflow.data.preprocess import draft_request, fit, open_rgb, process_image, to_rgb
 from dinoflow.errors import DinoflowError
 
-from data_helpers import data_params, jpeg_bytes, png_bytes, rgb16_png, smooth_rgb
+from data_helpers import data_params, jpeg_bytes, rgb16_png, smooth_rgb
 
 
 def decode(blob: bytes) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -66,7 +67,7 @@ def test_embed_writes_schema_and_known_values(embedded):
     assert meta["model"] == "random" and meta["stand_in"] is False and meta["weights_source"].startswith("random")
     assert len(meta["params_hash"]) == 16
     ids, cls = read_embeddings(out, "cls")
-    manifest = __import__("pandas").read_parquet(paths.MANIFEST)
+    manifest = pd.read_parquet(paths.MANIFEST)
     assert list(ids) == manifest.loc[manifest["status"] == "ok", "id"].tolist()
     assert cls.dtype == np.float32 and cls.shape == (len(ids), dim)
     # known answer: the same encoder on the same stored image, transformed by hand

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -88,7 +89,6 @@ def test_main_writes_probe_metrics(tmp_path, monkeypatch):
     write_vectors(paths.embeddings("m"), ids, {"cls": x, "patch_mean": x}, {"model": "m", "stand_in": False})
     manifest = pd.DataFrame({"id": ids[::-1], "status": "ok", "group": list(group[::-1]),
                              "sub": [None] * 5 + list(group[::-1][5:])})
-    Path = __import__("pathlib").Path
     Path(paths.MANIFEST).parent.mkdir(parents=True)
     manifest.to_parquet(paths.MANIFEST)
     params = {"seed": 0, "collection": {"label_columns": ["group", "sub"]},

@@ -10,16 +10,16 @@ The same `open_rgb` is used by ingest, so the notes in the manifest say exactly 
 Storage — why Parquet shards of encoded bytes (`shard-00000.parquet`, … with columns `id`, `image`, `width`,
 `height`) and not one file per image: at 47k–1M images a folder of files is what makes DVC slow (it hashes,
 stats and caches every file separately, and `dvc push`/`pull` move them one request at a time), and reading many
-small files is bound by file-system metadata. A shard of 4,096 images is one DVC object, and a reader opens
-it once (memory-mapped) and slices bytes out of it. Parquet (rather than tar / WebDataset) gives random access
-by row, which the evaluation stages need (neighbour grids, attention figures), and is already a dependency.
-Images stay encoded (WebP q90 by default, ~10-20 KB at 256 px) so 1M images fit in tens of GB.
-`benchmarks/bench_preprocess.py` measures both throughput and the file-per-image vs shard trade-off; its
-results are in `benchmarks/results/preprocess.md`.
+small files is bound by file-system metadata. A shard of 4,096 images is one DVC object. Parquet rather than
+tar / WebDataset: any Arrow tool (pandas, DuckDB) reads the shards with their schema, and Arrow is already a
+dependency. Images stay encoded (WebP q90: ~5.6 KB for a 256 px photo, 2-3x smaller than JPEG q90), so 1M images
+take ~6 GB. Measured by `benchmarks/bench_preprocess.py` (results in `benchmarks/results/preprocess.md`):
+shards mean ~3,000x fewer files, ~1.45x fewer bytes on disk, ~4-5x faster hashing and ~5x faster random reads
+than one file per image.
 
 `paths.PROCESSED_INDEX` maps each id to (shard, row) and to the byte range of its image inside the shard file
-(offset, length: O(1) memory-mapped random access, see `locate_blobs`); its order (manifest order of ok rows) is the image
-order every later stage uses. Read them with `dinoflow.data.store.ImageStore`.
+(offset, length: O(1) memory-mapped random access, see `locate_blobs`); its order (manifest order of ok rows)
+is the image order every later stage uses. Read them with `dinoflow.data.store.ImageStore`.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from dinoflow import paths
 from dinoflow.errors import DinoflowError
-from dinoflow.utils import get_logger, write_json
+from dinoflow.utils import get_logger
 
 log = get_logger("dinoflow.preprocess")
 

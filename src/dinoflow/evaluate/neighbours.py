@@ -24,9 +24,9 @@ from dinoflow.utils import get_logger
 
 log = get_logger(__name__)
 
-# A block of similarities is at most this many float32 values (256 MiB), whatever block_size says, so that
-# N x block_size never outgrows memory for large N.
-MAX_BLOCK_ELEMENTS = 1 << 26
+# A block of similarities is at most this many values (64 MiB of float32, plus 128 MiB of int64 argpartition
+# indices), whatever block_size says, so that block_size x N never outgrows memory for large N.
+MAX_BLOCK_ELEMENTS = 1 << 24
 FAISS_INDEXES = ("hnsw", "ivf", "flat")
 
 
@@ -37,7 +37,8 @@ def _block_rows(n: int, block_size: int) -> int:
 def _topk_rows(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k column indices and values per row, sorted by score descending (ties: lower index first)."""
     if k < sims.shape[1]:
-        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        n = sims.shape[1]
+        part = np.argpartition(sims, n - k, axis=1)[:, n - k:]  # the k largest, unordered (no negated copy)
     else:
         part = np.broadcast_to(np.arange(sims.shape[1]), sims.shape).copy()
     vals = np.take_along_axis(sims, part, axis=1)

@@ -209,3 +209,49 @@ def test_global_batches_do_not_depend_on_process_count():
     assert list(one) == joined[2:]
     with pytest.raises(DinoflowError, match="divisible"):
         dino.GlobalBatchSampler(24, 7, 3, seed=0, rank=0, world_size=2)
+
+
+def test_param_groups_weight_decay_and_layer_decay(env):
+    """No weight decay on biases / norms / 1-d tensors; fine-tune lrs: head vs backbone, DINOv2 layer decay."""
+    params, _ = env
+    run.main(params, "base")
+    params["finetune"].update(layer_decay=0.5, lr_head=0.01, lr_backbone=0.001)
+    encoder, _ = create_encoder(params, "vit_ft")
+    trainer = dino.DinoTrainer(params, encoder, trainable="last2", finetune=True, epochs=2, steps_per_epoch=3)
+    name_of = {id(p): n for n, p in trainer.student.named_parameters()}
+    seen = set()
+    for g in trainer.optimizer.param_groups:
+        for p in g["params"]:
+            n = name_of[id(p)]
+            seen.add(n)
+            assert g["wd_scale"] == (0.0 if p.ndim <= 1 or n.endswith(".bias") else 1.0), n
+            if n.startswith("head."):
+                assert (g["schedule"], g["lr_scale"]) == ("lr_head", 1.0), n
+            else:  # depth-2 ViT: block 0 -> 0.5**2, block 1 -> 0.5**1, final norm -> 1
+                want = 0.25 if ".blocks.0." in n else 0.5 if ".blocks.1." in n else 1.0
+                assert (g["schedule"], g["lr_scale"]) == ("lr_backbone", want), n
+    frozen = {n for n, _ in trainer.student.named_parameters()} - seen
+    # not optimised: the embedding stem (last2 of 2 blocks) and the prototypes' fixed unit magnitude (weight_norm g)
+    assert frozen == {"backbone.mask_token", "backbone.model.cls_token", "backbone.model.pos_embed",
+                      "backbone.model.patch_embed.proj.weight", "backbone.model.patch_embed.proj.bias",
+                      "head.last_layer.parametrizations.weight.original0"}
+    # backbone lr is 0 during the head warm-up epoch, then warms up from 0 to its peak (scaled by batch / 256)
+    lr_bb = trainer.schedules["lr_backbone"]
+    assert (lr_bb[:3] == 0).all() and lr_bb[3:].max() == pytest.approx(0.001 * 8 / 256)
+
+
+def test_grad_checkpointing_gives_the_same_step_and_bf16_autocast_runs(env):
+    params, images = env
+    params["train"]["warmup_epochs"] = 0
+    plain = run_steps(params, images, n_steps=2)
+    params["train"]["grad_checkpointing"] = True
+    ckpt = run_steps(params, images, n_steps=2)
+    for v1, v2 in zip(plain["values"], ckpt["values"]):
+        assert v2["loss/total"] == pytest.approx(v1["loss/total"], rel=1e-6)
+    for k, v in plain["student"].items():
+        torch.testing.assert_close(ckpt["student"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    params["train"].update(grad_checkpointing=False, amp=True)
+    amp = run_steps(params, images, n_steps=2)
+    assert all(math.isfinite(v["loss/total"]) for v in amp["values"])
+    # bf16 keeps ~3 significant digits: close to the float32 loss, not equal
+    assert amp["values"][0]["loss/total"] == pytest.approx(plain["values"][0]["loss/total"], rel=0.05)

@@ -117,3 +117,13 @@ def test_dinoflow_cli_reports_the_bad_key(tiny_workspace):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "train.centering" in proc.stderr and "centering, sinkhorn_knopp" in proc.stderr, proc.stderr
+
+
+def test_snakemake_refuses_config_that_differs_from_params_yaml(tiny_workspace):
+    """The stage commands read params.yaml, so a --config override would run them with other values than the
+    ones Snakemake tracks: refused with a message that says what to do instead."""
+    ws = link_workflow(tiny_workspace)
+    proc = subprocess.run([str(BIN / "snakemake"), "-n", "--cores", "1", "--config", "seed=5"], cwd=ws, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "edit params.yaml instead" in proc.stdout + proc.stderr

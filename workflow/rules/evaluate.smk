@@ -1,6 +1,9 @@
 # Evaluation stages, per model: embeddings, neighbours, image-text alignment, probes; text embeddings once.
 
 TEXT_FIELDS = ("caption", "keywords")
+# Counts of rows with and without each text field (TODO for the lead: move to dinoflow.paths, as evaluate/text.py
+# and report/html.py already look it up there first).
+TEXT_METRICS = getattr(paths, "TEXT_METRICS", "metrics/text.json")
 
 
 def model_weights_and_info(wildcards):
@@ -17,9 +20,8 @@ rule embed:
     output:
         paths.embeddings("{model}"),
     params:
-        models=model_entry,
-        backbone=arch_params("backbone"),
-        pretrained=arch_params("pretrained"),
+        seed=config["seed"],
+        models=model_entry,  # the architecture itself comes from the model's info.json
         embed=config["embed"],
     log:
         model_log("embed"),
@@ -40,7 +42,7 @@ rule neighbours:
     output:
         paths.neighbours("{model}"),
     params:
-        **sections("neighbours"),
+        **sections("seed", "neighbours"),
     log:
         model_log("neighbours"),
     conda:
@@ -59,8 +61,9 @@ rule embed_text:
         paths.MANIFEST,
     output:
         [paths.text_embeddings(f) for f in TEXT_FIELDS],
+        metric(TEXT_METRICS),
     params:
-        **sections("text"),
+        **sections("seed", "text"),
     log:
         f"{LOG}/embed_text.log",
     conda:
@@ -81,7 +84,7 @@ rule align:
     output:
         metric(paths.align_metrics("{model}")),
     params:
-        **sections("seed", "align"),
+        **sections("seed", "neighbours", "align"),
     log:
         model_log("align"),
     conda:

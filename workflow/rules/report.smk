@@ -1,5 +1,9 @@
 # Figures over all models and the report that gathers everything.
 
+# Figures drawn by the report stage (TODO for the lead: move to dinoflow.paths; report/html.py defines it today).
+REPORT_FIGURES_DIR = getattr(paths, "REPORT_FIGURES_DIR", "reports/figures/report")
+FINETUNES = [m for m in MODELS if is_finetune(m)]
+
 
 rule grids:
     """Retrieval comparison grids: per query, one row per model with its top-k neighbours."""
@@ -35,7 +39,7 @@ rule attention:
     output:
         plot(directory(paths.ATTENTION_DIR)),
     params:
-        **sections("seed", "models", "backbone", "pretrained", "neighbours", "attention"),
+        **sections("seed", "models", "neighbours", "attention"),
     log:
         f"{LOG}/attention.log",
     conda:
@@ -53,9 +57,15 @@ rule report:
     input:
         manifest=paths.MANIFEST,
         ingest=paths.INGEST_SUMMARY,
-        lr_search=[paths.LR_SEARCH_BEST, paths.LR_SEARCH_TRIALS] if any(uses_lr_search(m) for m in MODELS) else [],
+        text=TEXT_METRICS,
+        lr_search=(
+            [paths.LR_SEARCH_BEST, paths.LR_SEARCH_TRIALS, paths.LR_SEARCH_PLOT]
+            if any(uses_lr_search(m) for m in MODELS)
+            else []
+        ),
         info=expand(paths.model_info("{model}"), model=MODELS),
         train=expand(paths.train_log_dir("{model}") + "/metrics.json", model=DINO_MODELS),
+        train_plots=expand(paths.train_log_dir("{model}") + "/plots", model=DINO_MODELS),
         align=expand(paths.align_metrics("{model}"), model=MODELS),
         probes=expand(paths.probe_metrics("{model}"), model=MODELS),
         grids=paths.GRIDS_DIR,
@@ -63,6 +73,8 @@ rule report:
     output:
         html=paths.REPORT_HTML,
         metrics=metric(paths.REPORT_METRICS),
+        figures=plot(directory(REPORT_FIGURES_DIR)),
+        finetune=[plot(paths.FINETUNE_CURVES_PLOT)] if FINETUNES else [],
     params:
         **sections("collection", "models", "report"),
     log:

@@ -39,7 +39,7 @@ if any(uses_lr_search(m) for m in MODELS):
             trials=plot(paths.LR_SEARCH_TRIALS),
             figure=plot(paths.LR_SEARCH_PLOT),
         params:
-            **sections("seed", "backbone", "train", "lr_search"),
+            **sections("seed", "models", "backbone", "train", "lr_search"),
         log:
             f"{LOG}/lr_search.log",
         conda:

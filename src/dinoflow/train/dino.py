@@ -270,7 +270,9 @@ class DinoTrainer:
             stem, blocks, tail = backbone.block_groups()
             n_layers = len(blocks)
             layer_of.update({f"backbone.{n}": 0 for n in stem})
-            layer_of.update({f"backbone.{n}": i + 1 for i, b in enumerate(blocks) for n in b})
+            # timm puts the final norm (ViT norm, CNN conv_head/bn2) in the last group; DINOv2 gives it the top lr.
+            layer_of.update({f"backbone.{n}": i + 1 if ".blocks." in n else n_layers + 1
+                             for i, b in enumerate(blocks) for n in b})
             layer_of.update({f"backbone.{n}": n_layers + 1 for n in tail})
         groups: dict[tuple, dict[str, Any]] = {}
         for name, p in self.student.named_parameters():

@@ -10,10 +10,10 @@ curves per trial (`paths.LR_SEARCH_PLOT`) and the best values (`paths.LR_SEARCH_
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from dinoflow import paths
 from dinoflow.errors import DinoflowError
@@ -119,7 +119,7 @@ def main(params: dict[str, Any], images: Any = None) -> dict[str, float]:
     from dinoflow.data.store import ImageStore
     from dinoflow.report.figures import save_figure
 
-    s, t = params["lr_search"], params["train"]
+    s = params["lr_search"]
     lo, hi = (float(v) for v in s["lr_range"])
     if not 0 < lo < hi:
         raise DinoflowError(f"lr_search.lr_range: need 0 < low < high, got {s['lr_range']!r}")
@@ -163,8 +163,6 @@ def main(params: dict[str, Any], images: Any = None) -> dict[str, float]:
     table = study.trials_dataframe(attrs=("number", "value", "params", "state", "duration"))
     table["duration"] = table["duration"].dt.total_seconds()
     table = table.rename(columns=lambda c: c.replace("params_", ""))
-    from pathlib import Path
-
     Path(paths.LR_SEARCH_TRIALS).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(paths.LR_SEARCH_TRIALS, index=False)
     for c in curves.values():  # trials that ended without a report (e.g. an exception) keep RUNNING

@@ -14,6 +14,8 @@ min_version("8.10")
 
 configfile: "params.yaml"
 
+report: "workflow/report/workflow.rst"
+
 
 validate(config, "workflow/schemas/params.schema.yaml")
 

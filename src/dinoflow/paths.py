@@ -14,6 +14,7 @@ LR_SEARCH_TRIALS = "models/lr_search/trials.csv"
 LR_SEARCH_PLOT = "reports/figures/lr_search.png"
 
 TEXT_DIR = "text"
+TEXT_METRICS = "metrics/text.json"              # counts of rows with / without each text field
 FINETUNE_CURVES_PLOT = "reports/figures/finetune_curves.png"
 REPORT_HTML = "reports/index.html"
 REPORT_METRICS = "reports/metrics.json"
@@ -64,4 +65,6 @@ def probe_metrics(model: str) -> str:
 
 
 GRIDS_DIR = "reports/figures/grids"
+GRID_QUERIES = "reports/figures/grids/queries.json"  # query ids shown in grids and the report
+REPORT_FIGURES_DIR = "reports/figures/report"         # figures drawn by the report stage
 ATTENTION_DIR = "reports/figures/attention"

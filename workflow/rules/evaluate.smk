@@ -1,9 +1,6 @@
 # Evaluation stages, per model: embeddings, neighbours, image-text alignment, probes; text embeddings once.
 
 TEXT_FIELDS = ("caption", "keywords")
-# Counts of rows with and without each text field (TODO for the lead: move to dinoflow.paths, as evaluate/text.py
-# and report/html.py already look it up there first).
-TEXT_METRICS = getattr(paths, "TEXT_METRICS", "metrics/text.json")
 
 
 def model_weights_and_info(wildcards):
@@ -61,7 +58,7 @@ rule embed_text:
         paths.MANIFEST,
     output:
         [paths.text_embeddings(f) for f in TEXT_FIELDS],
-        metric(TEXT_METRICS),
+        metric(paths.TEXT_METRICS),
     params:
         **sections("seed", "text"),
     log:

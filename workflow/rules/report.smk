@@ -1,7 +1,5 @@
 # Figures over all models and the report that gathers everything.
 
-# Figures drawn by the report stage (TODO for the lead: move to dinoflow.paths; report/html.py defines it today).
-REPORT_FIGURES_DIR = getattr(paths, "REPORT_FIGURES_DIR", "reports/figures/report")
 FINETUNES = [m for m in MODELS if is_finetune(m)]
 
 
@@ -13,7 +11,8 @@ rule grids:
         images=paths.PROCESSED_DIR,
         index=paths.PROCESSED_INDEX,
     output:
-        plot(directory(paths.GRIDS_DIR)),
+        report(plot(directory(paths.GRIDS_DIR)), patterns=["query_{name}.png"], caption="../report/grids.rst",
+               category="Retrieval grids"),
     params:
         **sections("seed", "models", "neighbours"),
     log:
@@ -37,7 +36,8 @@ rule attention:
         images=paths.PROCESSED_DIR,
         index=paths.PROCESSED_INDEX,
     output:
-        plot(directory(paths.ATTENTION_DIR)),
+        report(plot(directory(paths.ATTENTION_DIR)), patterns=["query_{name}.png"],
+               caption="../report/attention.rst", category="Attention maps"),
     params:
         **sections("seed", "models", "neighbours", "attention"),
     log:
@@ -57,7 +57,7 @@ rule report:
     input:
         manifest=paths.MANIFEST,
         ingest=paths.INGEST_SUMMARY,
-        text=TEXT_METRICS,
+        text=paths.TEXT_METRICS,
         lr_search=(
             [paths.LR_SEARCH_BEST, paths.LR_SEARCH_TRIALS, paths.LR_SEARCH_PLOT]
             if any(uses_lr_search(m) for m in MODELS)
@@ -71,10 +71,15 @@ rule report:
         grids=paths.GRIDS_DIR,
         attention=paths.ATTENTION_DIR,
     output:
-        html=paths.REPORT_HTML,
+        html=report(paths.REPORT_HTML, caption="../report/index.rst", category="Report"),
         metrics=metric(paths.REPORT_METRICS),
-        figures=plot(directory(REPORT_FIGURES_DIR)),
-        finetune=[plot(paths.FINETUNE_CURVES_PLOT)] if FINETUNES else [],
+        figures=report(plot(directory(paths.REPORT_FIGURES_DIR)), patterns=["{name}.png"],
+                       caption="../report/report_figures.rst", category="Metrics"),
+        finetune=(
+            [report(plot(paths.FINETUNE_CURVES_PLOT), caption="../report/finetune_curves.rst", category="Training")]
+            if FINETUNES
+            else []
+        ),
     params:
         **sections("collection", "models", "report"),
     log:

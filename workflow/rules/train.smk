@@ -37,7 +37,7 @@ if any(uses_lr_search(m) for m in MODELS):
         output:
             best=paths.LR_SEARCH_BEST,
             trials=plot(paths.LR_SEARCH_TRIALS),
-            figure=plot(paths.LR_SEARCH_PLOT),
+            figure=report(plot(paths.LR_SEARCH_PLOT), caption="../report/lr_search.rst", category="Training"),
         params:
             **sections("seed", "models", "backbone", "train", "lr_search"),
         log:

@@ -27,7 +27,7 @@ from dinoflow.utils import get_logger, resolve_device, seed_everything, write_js
 log = get_logger(__name__)
 
 TEXT_FIELDS = ("caption", "keywords")
-TEXT_METRICS = getattr(paths, "TEXT_METRICS", "metrics/text.json")
+TEXT_METRICS = paths.TEXT_METRICS
 KEYWORD_JOINER = ", "
 
 

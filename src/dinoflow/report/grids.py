@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-GRID_QUERIES = f"{paths.GRIDS_DIR}/queries.json"  # the chosen query ids, read by attention and the report
+GRID_QUERIES = paths.GRID_QUERIES  # the chosen query ids, read by attention and the report
 NEIGHBOUR_COLUMNS = ("query_id", "rank", "neighbour_id", "score")
 
 

@@ -24,8 +24,8 @@ from dinoflow.utils import get_logger, read_json, write_json
 
 log = get_logger(__name__)
 
-REPORT_FIGURES_DIR = "reports/figures/report"  # figures drawn by this stage (also inlined in the page)
-TEXT_METRICS = getattr(paths, "TEXT_METRICS", "metrics/text.json")  # written by `dinoflow embed-text`
+REPORT_FIGURES_DIR = paths.REPORT_FIGURES_DIR  # figures drawn by this stage (also inlined in the page)
+TEXT_METRICS = paths.TEXT_METRICS  # written by `dinoflow embed-text`
 ATTENTION_QUERIES = f"{paths.ATTENTION_DIR}/queries.json"
 
 # Alignment numbers shown in the comparison table (every number goes to reports/metrics.json).

@@ -82,6 +82,42 @@ def test_drop_self_when_index_misses_the_query():
     np.testing.assert_allclose(s, [[0.9, 0.8], [0.7, 0.6]])
 
 
+def test_ivf_probing_every_list_equals_brute_force():
+    """With nprobe = nlist IVF scans every vector: exactly the brute-force answer, whatever the training did."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(400, 16)).astype(np.float32)
+    ref, sims = brute_force(x, 6)
+    idx, val = faiss_topk(l2_normalize(x), 6, index="ivf", nlist=10, nprobe=10, train_size=200)
+    np.testing.assert_array_equal(idx, ref)
+    np.testing.assert_allclose(val, np.take_along_axis(sims, ref, axis=1), atol=1e-5)
+
+
+def test_ivf_default_nlist_rule_and_seeded_build():
+    from dinoflow.evaluate.neighbours import build_faiss_index, ivf_nlist
+
+    assert ivf_nlist(1_000_000) == 4000 and ivf_nlist(390) == 10 and ivf_nlist(10) == 1
+    x = l2_normalize(np.random.default_rng(8).normal(size=(2000, 8)))
+    a, b = (faiss_topk(x, 5, index="ivf", seed=3, nprobe=2) for _ in range(2))
+    np.testing.assert_array_equal(a[0], b[0])
+    index = build_faiss_index(x, "ivf", nprobe=500)
+    assert index.nlist == ivf_nlist(2000) and index.nprobe == index.nlist  # nprobe is capped at nlist
+
+
+def test_drop_self_for_a_subset_of_queries():
+    ids = np.array([[40, 5, 6], [7, 8, 9]])  # queries are rows 40 and 12 of the data; 12 is missing
+    scores = np.array([[1.0, 0.9, 0.8], [0.7, 0.6, 0.5]], dtype=np.float32)
+    i, _ = _drop_self(ids, scores, 2, self_ids=np.array([40, 12]))
+    np.testing.assert_array_equal(i, [[5, 6], [7, 8]])
+
+
+def test_default_faiss_path_is_ivf_with_configured_nprobe():
+    x = np.random.default_rng(9).normal(size=(300, 8)).astype(np.float32)
+    ref, _ = brute_force(x, 4)
+    idx, _, method = topk_neighbours(x, 4, {"exact_max_n": 100, "block_size": 16, "faiss_nprobe": 10**6})
+    assert method == "faiss-ivf"
+    np.testing.assert_array_equal(idx, ref)  # nprobe capped at nlist: every list scanned, so exact
+
+
 def test_dispatch_between_exact_and_faiss():
     x = np.random.default_rng(5).normal(size=(50, 8)).astype(np.float32)
     _, _, m1 = topk_neighbours(x, 3, {"exact_max_n": 50, "block_size": 16})

@@ -103,3 +103,15 @@ def test_main_writes_probe_metrics(tmp_path, monkeypatch):
     params["collection"]["label_columns"] = ["nope"]
     with pytest.raises(DinoflowError, match="nope"):
         probes.main(params, model="m")
+
+
+def test_linear_probe_separates_classes_that_differ_by_a_small_direction():
+    """Unit-norm embeddings dominated by a shared component (as real CLS tokens are) must still be separable:
+    the probe standardises features, so it does not collapse to the majority class."""
+    rng = np.random.default_rng(0)
+    n, d = 400, 32
+    y = rng.integers(0, 4, size=n)
+    signal = np.eye(d)[y] * 0.02                     # tiny class-specific direction
+    x = np.ones((n, d)) * 5.0 + signal + rng.normal(0, 0.002, size=(n, d))
+    s = linear_scores(x[:300], y[:300], x[300:], 4, 1000, 0)
+    assert topk_accuracy(s, y[300:], 1) > 0.95

@@ -60,7 +60,7 @@ rule embed_text:
         [paths.text_embeddings(f) for f in TEXT_FIELDS],
         metric(paths.TEXT_METRICS),
     params:
-        **sections("seed", "text"),
+        **sections("seed", "text", "embed"),
     log:
         f"{LOG}/embed_text.log",
     conda:

@@ -1,8 +1,11 @@
 """Evaluation preprocessing from a model's timm `data_config`: resize to img_size, centre crop, normalise.
 
 Split in two so the data pipeline never becomes the bottleneck:
-- `EvalTransform` (per image, in DataLoader workers): PIL -> uint8 tensor, resize (short side) and centre crop
-  to the model's input size. uint8 batches are 4x smaller to collate, pin and copy to the GPU than float.
+- `decode_rgb` + `EvalTransform` (per image, in DataLoader workers): encoded bytes -> uint8 tensor with
+  torchvision.io (libwebp / libjpeg / libpng straight into a tensor: about half the time of PIL's decode plus
+  conversions on the stored 256 px WebP), then resize (short side, torch's vectorised uint8 antialiased kernel,
+  faster here than PIL's) and centre crop to the model's input size. uint8 batches are 4x smaller to collate,
+  pin and copy to the GPU than float. (PIL's draft mode would decode at reduced size, but only for JPEG.)
 - `Normalize` (per batch, on the model's device): uint8 -> float in [0, 1] -> (x - mean) / std.
 `eval_transform` composes both for single images (same result as timm's eval transform with crop_pct = 1).
 
@@ -28,16 +31,37 @@ def _size(data_config: dict[str, Any]) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def decode_rgb(data: bytes | memoryview) -> torch.Tensor:
+    """Encoded image bytes (WebP, JPEG, PNG, ...) -> uint8 RGB tensor (3, H, W); PIL for formats torchvision
+    cannot decode. Same pixels as PIL for the stored formats (both call the same libraries)."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a writable copy: frombuffer warns otherwise
+    try:
+        return decode_image(buf, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        import io
+
+        with Image.open(io.BytesIO(bytes(data))) as im:
+            return F.pil_to_tensor(im.convert("RGB"))
+
+
 class EvalTransform:
-    """PIL image -> uint8 tensor (3, H, W) at the model's input size (resize short side, centre crop)."""
+    """PIL image or uint8 tensor (3, h, w) -> uint8 tensor (3, H, W) at the model's input size (resize short
+    side, centre crop)."""
 
     def __init__(self, data_config: dict[str, Any]):
         self.size = _size(data_config)
         self.interpolation = _INTERPOLATIONS.get(str(data_config.get("interpolation", "bicubic")),
                                                  InterpolationMode.BICUBIC)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        x = F.pil_to_tensor(image.convert("RGB"))
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            x = image
+        else:
+            x = F.pil_to_tensor(image if image.mode == "RGB" else image.convert("RGB"))
+        if tuple(x.shape[-2:]) == self.size:
+            return x  # already the input size: nothing to resample
         x = F.resize(x, [min(self.size)], interpolation=self.interpolation, antialias=True)
         return F.center_crop(x, list(self.size))
 

@@ -2,8 +2,9 @@
 
 Up to `neighbours.exact_max_n` images: exact search by blocked matrix products (a block of query rows against
 all vectors, `np.argpartition` per row), so memory stays O(block x N), never N x N. Above it: a FAISS index on
-L2-normalised vectors with inner-product metric (HNSW by default; `neighbours.faiss_index` may say `ivf` or `flat`).
-`benchmarks/bench_neighbours.py` measures the FAISS path's recall@10 against exact search.
+L2-normalised vectors with inner-product metric: IVF by default (`neighbours.faiss_index`: `ivf`, `hnsw` or
+`flat`), the one whose build stays practical at 1M vectors on a CPU. `benchmarks/bench_neighbours.py` measures its
+recall@10 against exact search at 1M synthetic vectors.
 """
 
 from __future__ import annotations
@@ -72,13 +73,19 @@ def exact_topk(x: np.ndarray, k: int, block_size: int = 4096, queries: np.ndarra
     return out_idx, out_val
 
 
-def faiss_topk(x: np.ndarray, k: int, index: str = "hnsw", seed: int = 0, hnsw_m: int = 32,
-               ef_search: int | None = None, nlist: int | None = None, nprobe: int | None = None,
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate cosine top-k of every row of `x` among the others with a FAISS index (x L2-normalised).
+def ivf_nlist(n: int) -> int:
+    """IVF list count: about 4 sqrt(N) (FAISS's guideline), at most N / 39 so k-means has data per centroid."""
+    return int(max(1, min(4 * np.sqrt(n), n // 39)))
 
-    Searches k + 1 and drops the row itself (or, if the index missed it, the last hit), so the result has the
-    same shape and order as `exact_topk`.
+
+def build_faiss_index(x: np.ndarray, index: str = "ivf", seed: int = 0, hnsw_m: int = 32,
+                      ef_construction: int | None = None, ef_search: int | None = None, nlist: int | None = None,
+                      nprobe: int | None = None, train_size: int | None = None, k: int = 10):
+    """A FAISS inner-product index holding the rows of `x` (L2-normalised, so scores are cosines).
+
+    ivf: IndexIVFFlat, `nlist` spherical k-means lists trained on a seeded sample of `train_size` rows
+    (default 64 per list: k-means on all 1M rows would dominate the build), `nprobe` lists searched per query.
+    hnsw: IndexHNSWFlat (best recall per query, but building it at 1M takes hours on 2 cores). flat: exact.
     """
     import faiss
 
@@ -86,31 +93,64 @@ def faiss_topk(x: np.ndarray, k: int, index: str = "hnsw", seed: int = 0, hnsw_m
         raise DinoflowError(f"neighbours.faiss_index: {index!r} is not one of {', '.join(FAISS_INDEXES)}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
-    k = _check_k(k, n - 1)
-    kk = min(k + 1, n)
     if index == "flat":
         idx = faiss.IndexFlatIP(d)
     elif index == "hnsw":
         idx = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        idx.hnsw.efConstruction = max(40, 2 * hnsw_m)
-        idx.hnsw.efSearch = ef_search or max(64, 4 * kk)
+        idx.hnsw.efConstruction = ef_construction or max(40, 2 * hnsw_m)
+        idx.hnsw.efSearch = ef_search or max(64, 4 * (k + 1))
     else:
-        nlist = nlist or int(max(1, min(4 * np.sqrt(n), n // 39)))  # >= 39 training points per centroid
-        quantizer = faiss.IndexFlatIP(d)
-        idx = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        nlist = min(int(nlist or ivf_nlist(n)), n)
+        idx = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         idx.cp.seed = seed
-        idx.train(x)
-        idx.nprobe = nprobe or max(1, min(nlist, 16))
+        idx.cp.spherical = True  # centroids on the unit sphere, like the data (cosine k-means)
+        m = min(n, int(train_size or 64 * nlist))
+        # our own seeded sample: FAISS would otherwise subsample to 256 per list with its own (warned) sampling
+        idx.cp.max_points_per_centroid = max(256, -(-m // nlist))
+        sample = x if m == n else x[np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))]
+        idx.train(sample)
+        idx.nprobe = min(nlist, int(nprobe or 16))
     idx.add(x)
+    return idx
+
+
+def faiss_topk(x: np.ndarray, k: int, index: str = "ivf", seed: int = 0, **index_kwargs: Any,
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate cosine top-k of every row of `x` among the others with a FAISS index (x L2-normalised).
+
+    `index_kwargs` go to `build_faiss_index` (nlist, nprobe, hnsw_m, ef_search, ...). Searches k + 1 and drops
+    the row itself (or, if the index missed it, the last hit), so the result has the same shape and order as
+    `exact_topk`.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    k = _check_k(k, n - 1)
+    kk = min(k + 1, n)
+    idx = build_faiss_index(x, index, seed=seed, k=kk, **index_kwargs)
     log.info("FAISS %s index on %d x %d vectors: searching top-%d", index, n, d, k)
-    scores, ids = idx.search(x, kk)
-    return _drop_self(ids.astype(np.int64), scores.astype(np.float32), k)
+    scores, ids = search_blocked(idx, x, kk)
+    return _drop_self(ids, scores, k)
 
 
-def _drop_self(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Remove row i from row i's hits (keeping k); FAISS marks missing hits with -1, kept as such."""
+def search_blocked(idx, q: np.ndarray, k: int, block: int = 65536,
+                   progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Search `q` in blocks of rows (bounded temporary memory, a progress bar); (scores, ids) like FAISS."""
+    scores = np.empty((q.shape[0], k), dtype=np.float32)
+    ids = np.empty((q.shape[0], k), dtype=np.int64)
+    for s in tqdm(range(0, q.shape[0], block), desc="faiss search", unit="block", disable=not progress):
+        scores[s:s + block], ids[s:s + block] = idx.search(q[s:s + block], k)
+    return scores, ids
+
+
+def _drop_self(ids: np.ndarray, scores: np.ndarray, k: int,
+               self_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Remove row i's own id (i, or self_ids[i] for a subset of queries) from its hits, keeping k.
+
+    FAISS marks missing hits with -1, kept as such.
+    """
     n = ids.shape[0]
-    is_self = ids == np.arange(n)[:, None]
+    self_ids = np.arange(n) if self_ids is None else np.asarray(self_ids)
+    is_self = ids == self_ids[:, None]
     # Rows where the index did not return the query itself drop their last (weakest) hit instead.
     missing = ~is_self.any(axis=1)
     is_self[missing, -1] = True
@@ -143,8 +183,8 @@ def topk_neighbours(x: np.ndarray, k: int, cfg: dict[str, Any], seed: int = 0,
     if x.shape[0] <= int(cfg["exact_max_n"]):
         idx, val = exact_topk(x, k, block_size=int(cfg["block_size"]), progress=progress)
         return idx, val, "exact"
-    index = cfg.get("faiss_index", "hnsw")
-    idx, val = faiss_topk(x, k, index=index, seed=seed)
+    index = cfg.get("faiss_index", "ivf")
+    idx, val = faiss_topk(x, k, index=index, seed=seed, nprobe=cfg.get("faiss_nprobe"))
     return idx, val, f"faiss-{index}"
 
 

@@ -4,7 +4,9 @@ For each label column (`collection.label_columns`): a fixed, seeded, stratified 
 (`probes.test_fraction`; classes with a single image go to train), then
 - weighted kNN as in DINO (Caron et al. 2021, eval_knn.py): cosine similarities to the training set, the
   k = `probes.knn_k` nearest vote for their class with weight exp(sim / T), T = `probes.knn_temperature`;
-- a linear probe: `sklearn.linear_model.LogisticRegression` on L2-normalised features.
+- a linear probe: `sklearn.linear_model.LogisticRegression` on L2-normalised, then standardised features
+  (the scaler is fitted on the training split: without it, unit-norm embeddings whose classes differ by small
+  directions give near-constant logits and the probe collapses to the majority class).
 Top-1 and top-5 accuracy and the confusion matrix (rows: true class, columns: predicted) of each go to
 `paths.probe_metrics(M)`.
 """
@@ -59,18 +61,20 @@ def knn_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_c
 
 def linear_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int,
                   max_iter: int, seed: int) -> np.ndarray:
-    """Class probabilities (n_test, n_classes) of a logistic regression on L2-normalised features."""
+    """Class probabilities (n_test, n_classes) of a logistic regression on L2-normalised, standardised features."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
 
+    scaler = StandardScaler().fit(l2_normalize(train_x))
     clf = LogisticRegression(max_iter=max_iter, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # reported below via n_iter_, not as noise
-        clf.fit(l2_normalize(train_x), train_y)
+        clf.fit(scaler.transform(l2_normalize(train_x)), train_y)
     if int(np.max(clf.n_iter_)) >= max_iter:
         log.warning("linear probe did not converge in probes.linear_max_iter=%d iterations", max_iter)
     scores = np.full((test_x.shape[0], n_classes), -np.inf)
-    scores[:, clf.classes_] = clf.predict_proba(l2_normalize(test_x))
+    scores[:, clf.classes_] = clf.predict_proba(scaler.transform(l2_normalize(test_x)))
     return scores
 
 

@@ -5,8 +5,8 @@
 
 Data: N unit vectors (d = 384, seeded) drawn around --centres random centres (default 2,000) with noise
 (clustered like real embeddings; uniform random vectors have no meaningful neighbours). The index is built
-exactly as the neighbours stage builds it above `neighbours.exact_max_n` (`dinoflow.evaluate.neighbours.build_faiss_index`,
-IVF by default: nlist ~ 4 sqrt(N) spherical k-means lists trained on a seeded sample) over all N vectors.
+exactly as the neighbours stage builds it above `neighbours.exact_max_n`
+(`dinoflow.evaluate.neighbours.build_faiss_index`, IVF by default: nlist ~ 4 sqrt(N) spherical k-means lists trained on a seeded sample) over all N vectors.
 
 Recall is measured on a seeded random sample of Q queries (rows of the data, default 2,000; each query itself is
 excluded from its own neighbours, as in the stage) against exact blocked search (`exact_topk`) for the same

@@ -103,3 +103,69 @@ def test_evaluation_stages_through_the_cli(embedded, monkeypatch):
     pr = read_json(paths.probe_metrics("random"))
     assert set(pr["columns"]) == {"shape", "color"}
     assert cli(["align", "--model", "missing-model"]) == 2  # a DinoflowError, not a traceback
+
+
+@pytest.mark.parametrize("fmt, opts", [("WEBP", {"quality": 90, "method": 2}), ("PNG", {}),
+                                       ("JPEG", {"quality": 90})])
+def test_decode_rgb_equals_pil(fmt, opts):
+    """torchvision.io decoding (the embed stage's) gives PIL's pixels, the reference the store serves."""
+    import io
+
+    from dinoflow.data.transforms import decode_rgb
+
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, fmt, **opts)
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        ref = np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+    got = decode_rgb(buf.getvalue())
+    assert got.dtype == torch.uint8 and got.shape == (3, 40, 56)
+    np.testing.assert_array_equal(got.numpy(), ref)
+    gray = io.BytesIO()
+    img.convert("L").save(gray, "PNG")  # one channel in, RGB out
+    np.testing.assert_array_equal(decode_rgb(gray.getvalue()).numpy(),
+                                  np.asarray(img.convert("L").convert("RGB")).transpose(2, 0, 1))
+
+
+def test_eval_transform_same_for_pil_and_tensor_input():
+    cfg = {"input_size": (3, 24, 24), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    t = EvalTransform(cfg)
+    a = t(img)
+    b = t(torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy()))
+    assert a.shape == (3, 24, 24)
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    small = torch.zeros(3, 24, 24, dtype=torch.uint8)
+    assert t(small) is small  # already the input size: passed through
+
+
+def test_encoded_images_dataset_equals_store_images(tiny_workspace, monkeypatch):
+    from dinoflow.data import ingest, preprocess
+    from dinoflow.data.store import ImageStore
+    from dinoflow.evaluate.embed import EncodedImages
+
+    monkeypatch.chdir(tiny_workspace)
+    params = load_params("params.yaml")
+    ingest.main(params)
+    preprocess.main(params)
+    store = ImageStore(paths.PROCESSED_DIR)
+    cfg = {"input_size": (3, 28, 28), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    ds = EncodedImages(store, [2, 0], EvalTransform(cfg))
+    assert len(ds) == 2
+    for i, pos in enumerate([2, 0]):
+        x, j = ds[i]
+        assert j == i
+        np.testing.assert_array_equal(x.numpy(), EvalTransform(cfg)(store.get(pos)).numpy())
+
+
+def test_resolve_workers():
+    from dinoflow.evaluate.embed import default_workers, resolve_workers
+
+    cpu = torch.device("cpu")
+    assert resolve_workers("auto", 10, 64, cpu) == default_workers(10, 64, cpu) == 0
+    assert resolve_workers(None, 10**6, 64, cpu) == default_workers(10**6, 64, cpu)
+    assert resolve_workers(3, 10, 64, cpu) == 3
+    for bad in (-1, "two", 1.5, True):
+        with pytest.raises(DinoflowError, match="embed.num_workers"):
+            resolve_workers(bad, 10, 64, cpu)

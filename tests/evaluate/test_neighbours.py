@@ -141,3 +141,9 @@ def test_main_writes_long_table(tmp_path, monkeypatch):
     for i, name in enumerate(ids):
         assert got[name] == [ids[j] for j in ref[i]]
     assert t["rank"].min() == 1 and t["rank"].max() == 4
+
+
+def test_unknown_faiss_index_is_reported_with_its_parameter():
+    x = l2_normalize(np.random.default_rng(10).normal(size=(20, 4)))
+    with pytest.raises(DinoflowError, match="neighbours.faiss_index.*ivf, hnsw, flat"):
+        faiss_topk(x, 3, index="lsh")

@@ -2,9 +2,11 @@
 
 Parquet: `id` and fixed-size float32 list columns `cls`, `patch_mean`; schema metadata (JSON under `dinoflow`):
 model name, arch, weights source, stand-in flag and label, params hash. Images come from the processed store
-(`ImageStore`) in manifest order; the eval transform is the model's timm data_config (`data.transforms`): resize
-and centre crop in DataLoader workers on uint8, normalisation on the device per batch. No grad; on CUDA bf16
-autocast, batches of at least 256, pinned memory and non-blocking copies. `read_embeddings` is the reader every later stage uses.
+(`ImageStore`) in manifest order; the eval transform is the model's timm data_config (`data.transforms`): decode
+(torchvision.io), resize and centre crop in DataLoader workers on uint8 (`embed.num_workers`), normalisation on
+the device per batch. No grad; on CUDA bf16 autocast, batches of at least 256, pinned memory and non-blocking
+copies. `benchmarks/bench_embed.py` checks the pipeline against the bare forward. `read_embeddings` is the reader
+every later stage uses.
 """
 
 from __future__ import annotations

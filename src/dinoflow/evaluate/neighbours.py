@@ -28,7 +28,7 @@ log = get_logger(__name__)
 # A block of similarities is at most this many values (64 MiB of float32, plus 128 MiB of int64 argpartition
 # indices), whatever block_size says, so that block_size x N never outgrows memory for large N.
 MAX_BLOCK_ELEMENTS = 1 << 24
-FAISS_INDEXES = ("hnsw", "ivf", "flat")
+FAISS_INDEXES = ("ivf", "hnsw", "flat")
 
 
 def _block_rows(n: int, block_size: int) -> int:

@@ -50,6 +50,10 @@ def test_loss_falls_on_tiny_collection(env):
     total = _curve("scratch", "loss/total")
     assert len(total) == 9 and np.isfinite(total).all()
     assert total[-3:].mean() < 0.8 * total[0], total
+    # CE >= H(teacher): the logged KL part of the DINO loss is non-negative and equals CE - entropy
+    kl = _curve("scratch", "dino_kl")
+    assert (kl >= -1e-5).all()
+    np.testing.assert_allclose(kl, _curve("scratch", "loss/dino") - _curve("scratch", "teacher/entropy"), atol=1e-5)
     for name in ("loss/dino", "loss/ibot", "loss/koleo", "teacher/entropy", "teacher/std", "lr", "wd", "momentum",
                  "teacher/temp"):
         assert len(_curve("scratch", name)) == 9, name

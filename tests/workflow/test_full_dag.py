@@ -49,6 +49,16 @@ def test_whole_dag_snakemake_then_dvc(ws):
         assert ran == downstream(specs, readers(specs, section)), f"after editing {section}.{key}: {sorted(ran)}"
     assert snakemake(ws, [], specs=specs) == set()
 
+    # `snakemake --report` gathers the outputs marked with report(...) (grids, attention, figures, the page).
+    run([str(BIN / "snakemake"), "--cores", "1", "--nolock", "--report", "smk_report.zip"], ws)
+    import zipfile
+
+    with zipfile.ZipFile(ws / "smk_report.zip") as zf:
+        names = zf.namelist()
+    assert any(n.endswith("report.html") for n in names), names[:20]
+    assert any("query_" in n and n.endswith(".png") for n in names), names[:20]
+    (ws / "smk_report.zip").unlink()
+
     # DVC on the same files: record them without re-running, then DVC agrees that nothing is left to do.
     # (`dvc commit` re-links outputs from its cache, which gives them new mtimes, so Snakemake is not run on
     # this workspace again: the two tools are not meant to be interleaved on one copy.)

@@ -404,12 +404,13 @@ class DinoTrainer:
             entropy = -(t_probs * torch.log(t_probs.clamp_min(1e-12))).sum(-1).mean()
             t_cls = F.normalize(t_out["cls"].float(), dim=-1)
             std = t_cls.std(dim=0).mean() if t_cls.shape[0] > 1 else torch.zeros(())
+        teacher_entropy = float(all_reduce_mean(entropy))
         values.update({
-            "teacher/entropy": float(all_reduce_mean(entropy)), "teacher/std": float(all_reduce_mean(std)),
+            "teacher/entropy": teacher_entropy, "teacher/std": float(all_reduce_mean(std)),
             # The part of the DINO cross-entropy the student can reduce: CE - H(teacher) = KL(teacher || student)
             # (each teacher view is the target equally often). The CE itself rises while the teacher temperature
             # warms up, because the targets' entropy rises; this term is the one that falls as the student learns.
-            "dino_kl": values["loss/dino"] - float(all_reduce_mean(entropy)),
+            "dino_kl": values["loss/dino"] - teacher_entropy,
             "teacher/temp": teacher_temp, "momentum": momentum, "wd": float(self.schedules["wd"][it]),
         })
         for name in ("lr", "lr_head", "lr_backbone"):

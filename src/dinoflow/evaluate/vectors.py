@@ -79,3 +79,18 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, eps)
+
+
+def similarity_features(x: np.ndarray, center: bool = True, eps: float = 1e-12) -> np.ndarray:
+    """Rows ready for cosine similarity by dot product, computed so that the result does not depend on rounding.
+
+    x: (N, D) embeddings of one collection. With `center`, the collection mean (estimated on these N rows) is
+    subtracted first: embeddings that share a large common component (e.g. a random ViT whose residual branches are
+    scaled by LayerScale 1e-5) then differ in what varies between images, not in float32 rounding of a cosine near
+    1. Always float64 (N, D). A row whose centred norm is 0 stays 0 (its similarities are 0, not NaN).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if center:
+        x = x - x.mean(axis=0, keepdims=True)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > eps)

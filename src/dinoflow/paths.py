@@ -8,6 +8,10 @@ INGEST_SUMMARY = "metrics/ingest.json"
 PROCESSED_DIR = "data/processed/images"          # Parquet shards of encoded 256 px images
 PROCESSED_INDEX = "data/processed/index.parquet"  # id -> shard, row (one row per ok image)
 
+GROUPS = "data/interim/groups.parquet"            # id -> group (near-duplicate family or collection.group_column)
+GROUPS_SUMMARY = "metrics/groups.json"            # how groups were formed, how many near-duplicate groups
+COMPARE_METRICS = "metrics/compare.json"          # item-level intervals and paired model differences
+
 LR_SEARCH_DIR = "models/lr_search"
 LR_SEARCH_BEST = "models/lr_search/best.json"
 LR_SEARCH_TRIALS = "models/lr_search/trials.csv"
@@ -62,6 +66,11 @@ def align_metrics(model: str) -> str:
 
 def probe_metrics(model: str) -> str:
     return f"metrics/probes/{model}.json"
+
+
+def health_metrics(model: str) -> str:
+    """JSON: embedding health of a model (spread of pairwise cosines, RankMe, degenerate flag)."""
+    return f"metrics/health/{model}.json"
 
 
 GRIDS_DIR = "reports/figures/grids"

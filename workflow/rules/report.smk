@@ -68,6 +68,7 @@ rule report:
         train_plots=expand(paths.train_log_dir("{model}") + "/plots", model=DINO_MODELS),
         align=expand(paths.align_metrics("{model}"), model=MODELS),
         probes=expand(paths.probe_metrics("{model}"), model=MODELS),
+        health=expand(paths.health_metrics("{model}"), model=MODELS),
         grids=paths.GRIDS_DIR,
         attention=paths.ATTENTION_DIR,
     output:

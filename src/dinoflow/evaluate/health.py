@@ -156,7 +156,7 @@ def embedding_health(x: np.ndarray, *, center: bool, similarity: str, cfg: Healt
                        f"within float32 resolution {resolution:.3g} for {dim}-d vectors: every image embeds to "
                        f"nearly the same vector and float32 cosine rankings would be rounding noise")
     if rank < cfg.min_rankme:
-        reasons.append(f"RankMe {rank:.4g} < {cfg.min_rankme:g}: the embeddings span fewer than "
+        reasons.append(f"RankMe {rank:.3f} < {cfg.min_rankme:g}: the embeddings span fewer than "
                        f"{cfg.min_rankme:g} effective dimensions")
     if len(i) > 1 and used["std"] == 0.0:
         reasons.append(f"the {similarity} is the same for every sampled pair: the embeddings are identical")

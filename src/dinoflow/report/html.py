@@ -280,7 +280,7 @@ def compare_section(compare: Mapping[str, Any], models: Sequence[str], infos: Ma
             "rows": rows, "best": best, "pairs": pair_rows,
             "verdicts": [(n, metrics[n]["verdict"]) for n in names],
             "resampling": f"{r['method']}, {r['n_resamples']} resamples, seed {r['seed']}, "
-                          f"{fmt(100 * r['level'], 3)}% intervals"}
+                          f"{100 * r['level']:g}% intervals"}
 
 
 def health_rows(models: Sequence[str], infos: Mapping[str, Any], health: Mapping[str, Any]) -> list[dict]:

@@ -129,7 +129,8 @@ def test_compare_table_renders_compare_json(report):
     for j, name in enumerate(names):
         assert table["best"][j] == (compare["metrics"][name]["best"] or "cannot separate")
     assert table["best"].count("cannot separate") == len(names) - 1 and models[-1] in table["best"]
-    assert "no image of this model has keywords" in table["random" + badge["random"]][names.index("mutual_knn/keywords")]
+    random_row = table["random" + badge["random"]]
+    assert "no image of this model has keywords" in random_row[names.index("mutual_knn/keywords")]
 
 
 def test_pairwise_differences_table(report):

@@ -3,7 +3,8 @@
 Each figure has one row per model of params.yaml: the query image, then its top-k neighbours (the query
 itself left out) with their score under the similarity the neighbours stage used (the `similarity` recorded in
 the neighbours metadata, e.g. "centred cosine, float64") and caption. Scores are shown with 4 significant digits,
-and near 1 as 1 - score, so that two different scores never print the same (`score_text`). The queries are `neighbours.grid_query_ids` plus
+and near 1 as 1 - score, so that two different scores never print the same (`score_text`).
+The queries are `neighbours.grid_query_ids` plus
 `neighbours.grid_random_queries` ok images drawn with `params.seed`; their ids are written to
 `GRID_QUERIES` so that `dinoflow attention` and the report show the same images.
 """

@@ -5,7 +5,8 @@ optional input becomes a "not run: <reason>" note instead of an error. The files
 read strictly: metrics/compare.json (contract 4: values with 95% intervals, paired differences, the best model
 only where the data separate it), metrics/groups.json (contract 1), metrics/health/<model>.json (contract 3) and
 the contract-2 keys of models/<name>/info.json (how each model was trained, collapse verdict, drift); a present
-file that lacks a key its contract requires is a DinoflowError naming the file and the key. The page has no script and makes no
+file that lacks a key its contract requires is a DinoflowError naming the file and the key.
+The page has no script and makes no
 request: CSS is inline, images are base64 `data:` URIs, and a Content-Security-Policy forbids anything else.
 All text is escaped by Jinja2's autoescaping, including everything that comes from the collection.
 """
@@ -676,7 +677,8 @@ def build(params: dict[str, Any], fig_dir: str | Path = REPORT_FIGURES_DIR) -> t
     for m in models:
         info = infos[m] = read_info(m)
         model_rows.append({"name": m, "info": info, "badges": model_badges(info, health.get(m)),
-                           "reason": None if info else f"{paths.model_info(m)} not found (run `dinoflow train --model {m}`)"})
+                           "reason": None if info else
+                           f"{paths.model_info(m)} not found (run `dinoflow train --model {m}`)"})
 
     collection = collection_section(paths.MANIFEST, params["collection"].get("label_columns") or [])
     if not collection["ok"]:

@@ -319,6 +319,13 @@ def integrity_problem(path: str) -> tuple[str, str] | None:
     return None
 
 
+def _safe_integrity_problem(path: str) -> tuple[str, str] | None:
+    try:
+        return integrity_problem(path)
+    except Exception:  # noqa: BLE001 - only used to explain a failure already found
+        return None
+
+
 class _ImageChecker:
     """Picklable per-chunk worker: (row, path) → (status, detail, width, height, note)."""
 
@@ -357,6 +364,10 @@ class _ImageChecker:
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-row status, never a crash
             message = f"{type(exc).__name__}: {exc}"
             reason = "truncated_image" if "truncated" in str(exc).lower() else "corrupt_image"
+            # The strict checks often say more than Pillow ("could not create decoder object").
+            problem = _safe_integrity_problem(full)
+            if problem is not None:
+                return problem[0], f"{full}: {problem[1]} (Pillow: {message})", None, None, ""
             return reason, f"{full}: {message}", None, None, ""
         problem = integrity_problem(full)
         if problem is not None:

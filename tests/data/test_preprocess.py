@@ -220,7 +220,7 @@ def test_to_srgb_matches_the_colorimetric_formula(name):
     expected = np.stack([reference_to_srgb(c, primaries, white, gamma) for c in colours])
     # Out-of-gamut colours are clipped per channel (not gamut-mapped): compare the colours inside sRGB.
     inside = ((expected > 0.5) & (expected < 254.5)).all(1)
-    assert inside.sum() > 50
+    assert inside.sum() > 20
     assert np.abs(got[inside] - expected[inside]).max() <= 1.01
     assert notes == [f"icc->srgb:{name}"]
 

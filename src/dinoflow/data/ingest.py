@@ -308,7 +308,9 @@ def integrity_problem(path: str) -> tuple[str, str] | None:
             problem = jpeg_problem(fh.read())
             if problem is None:
                 return None
-            reason = "truncated_image" if "premature end of jpeg file" in problem.lower() else "corrupt_image"
+            low = problem.lower()
+            reason = "truncated_image" if "premature end of jpeg file" in low or "truncated" in low \
+                else "corrupt_image"
             return reason, f"libjpeg: {problem}"
         if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
             fh.seek(0)

@@ -190,6 +190,7 @@ def png_with_bad_crc() -> bytes:
 
 def damaged_files() -> dict[str, bytes]:
     good = noisy_jpeg()
+    assert good.endswith(b"\xff\xd9")
     webp = save(Image.fromarray(smooth_rgb(64, 64)), "WEBP", quality=90)
     grown = bytearray(webp)
     grown[16:20] = struct.pack("<I", struct.unpack("<I", webp[16:20])[0] + 4000)  # VP8 chunk claims more
@@ -199,6 +200,7 @@ def damaged_files() -> dict[str, bytes]:
         "random.jpg": overwrite(good, 3000, random=True),
         "zeroed_progressive.jpg": overwrite(noisy_jpeg(progressive=True), 4000, random=False),
         "cut_with_eoi.jpg": good[: len(good) // 2] + b"\xff\xd9",  # truncated, then "repaired" with an end marker
+        "padded.jpg": good[:-2] + b"\0" * 20 + good[-2:],  # harmless padding before the end marker
         "crc.png": png_with_bad_crc(),
         "good.webp": webp,
         "truncated.webp": webp[: len(webp) // 2],
@@ -247,6 +249,8 @@ def test_damaged_images_are_corrupt_with_the_decoders_message(tmp_path, workspac
         if status != "ok":
             assert row["detail"].startswith(str(tmp_path / "images" / row["path"]))  # names the file
     assert "RIFF header says" in rows_by_id["truncated_webp"]["detail"]
+    assert rows_by_id["padded"]["status"] == "ok"
+    assert rows_by_id["padded"]["note"] == "jpeg-padding:Corrupt JPEG data: 16 extraneous bytes before marker 0xd9"
 
 
 def test_jpeg_problem_names_libjpegs_complaint(jpeg_backend):
@@ -324,3 +328,26 @@ def test_ambiguous_normalisation_is_not_guessed(tmp_path, workspace):
     # Each exact name is used as is; neither is a normalisation guess.
     assert manifest["status"].tolist()[:2] == ["ok", "ok"] and manifest["note"].tolist()[:2] == ["", ""]
     assert manifest["file"].tolist()[:2] == ["café.png", nfd("café.png")]
+
+
+def test_every_status_and_note_code_is_documented_for_curators():
+    """docs/ingest.md explains each status and note ingest can write (and the code's tables list them)."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "ingest.md").read_text(encoding="utf-8")
+    for code in ["ok", *ingest.REASONS]:
+        assert f"| `{code}` |" in text, code
+    for code in ingest.NOTES:
+        assert f"`{code}" in text, code
+
+
+def test_notes_written_are_documented(tmp_path, workspace):
+    frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 255, 0)]]
+    files = {"a.gif": save(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+             nfd("é.png"): save(Image.new("RGBA", (8, 8)), "PNG", icc_profile=ADOBE),
+             "c.jpg": save(Image.new("CMYK", (8, 8)), "JPEG"),
+             "d.png": save(Image.new("RGB", (8, 8)), "PNG", icc_profile=b"x" * 64)}
+    rows = [{"id": "a", "path": "a.gif", "keywords": "['x', 'y']"}, {"id": " b", "path": "é.png", "keywords": "[x"},
+            {"id": "c", "path": "c.jpg", "keywords": "[x]"}, {"id": "d", "path": "d.png", "keywords": ""}]
+    manifest, summary = run(collection(tmp_path, files, rows))
+    assert set(manifest["status"]) == {"ok"}
+    assert set(summary["notes"]) <= set(ingest.NOTES) and len(summary["notes"]) >= 7
+    assert summary["notes"]["keywords-unparsed-list"] == 1 and summary["notes"]["id-whitespace-stripped"] == 1

@@ -82,6 +82,8 @@ NOTES = {  # `note` entries of ok rows: `code` or `code:detail`; the summary cou
     "icc->srgb": "an embedded ICC colour profile (named after ':') was converted to sRGB",
     "icc-unusable": "an embedded ICC profile could not be applied (reason after ':'); pixels used as they are",
     "frame": "a multi-frame file (GIF, MPO, APNG, animated WebP, TIFF); `frame:1/N`: the first of N frames is used",
+    "jpeg-padding": "libjpeg found a few stray bytes after the last image block (written by some encoders); "
+                    "every block decoded, the pixels are intact",
     "exif-rotated": "the EXIF orientation was applied",
     "cmyk->rgb": "CMYK without a profile, converted with the naive formula",
     "16bit->8bit": "16-bit samples reduced to 8 bits",
@@ -299,8 +301,16 @@ def webp_problem(data: bytes) -> tuple[str, str] | None:
     return None
 
 
+# A few stray bytes between the last entropy-coded block and the end-of-image marker: every block was decoded
+# before libjpeg met them, so nothing is lost (several cameras and encoders write such padding). Damage inside
+# the data makes the decoder finish far from the marker (thousands of bytes) or fail on a bad code or marker.
+_PADDING_BEFORE_EOI = re.compile(r"Corrupt JPEG data: (\d+) extraneous bytes before marker 0xd9$")
+MAX_PADDING_BEFORE_EOI = 32
+
+
 def integrity_problem(path: str) -> tuple[str, str] | None:
-    """(status, message) for damage the normal decode does not report (JPEG, PNG, WebP), or None."""
+    """(status, message) for damage the normal decode does not report (JPEG, PNG, WebP), or None.
+    status `ok` with a message: libjpeg warned about harmless padding before the end marker (noted)."""
     with open(path, "rb") as fh:
         head = fh.read(16)
         if head.startswith(b"\xff\xd8\xff"):
@@ -308,6 +318,9 @@ def integrity_problem(path: str) -> tuple[str, str] | None:
             problem = jpeg_problem(fh.read())
             if problem is None:
                 return None
+            benign = _PADDING_BEFORE_EOI.match(problem)
+            if benign and int(benign.group(1)) <= MAX_PADDING_BEFORE_EOI:
+                return OK, problem  # padding after the last block (some encoders write it): pixels are intact
             low = problem.lower()
             reason = "truncated_image" if "premature end of jpeg file" in low or "truncated" in low \
                 else "corrupt_image"
@@ -372,7 +385,9 @@ class _ImageChecker:
                 return problem[0], f"{full}: {problem[1]} (Pillow: {message})", None, None, ""
             return reason, f"{full}: {message}", None, None, ""
         problem = integrity_problem(full)
-        if problem is not None:
+        if problem is not None and problem[0] == OK:
+            notes.append(f"jpeg-padding:{problem[1]}")
+        elif problem is not None:
             return problem[0], f"{full}: {problem[1]}", int(w), int(h), ""
         return OK, "", int(w), int(h), ";".join(notes)
 

@@ -166,7 +166,7 @@ def _srgb() -> ImageCms.ImageCmsProfile:
 _PROFILE_SPACE = {"RGB": "RGB ", "L": "GRAY", "CMYK": "CMYK"}  # image mode → ICC colour space it needs
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)
 def _icc_transform(icc: bytes, mode: str) -> tuple[ImageCms.ImageCmsTransform | None, str]:
     """(transform from the profile to sRGB for `mode` images, or None when the profile is sRGB already;
     the profile's description). Raises IccError. Cached per process: collections use a handful of profiles."""

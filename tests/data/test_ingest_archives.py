@@ -150,6 +150,17 @@ def test_icc_profiles_are_converted_to_srgb_and_noted(tmp_path, workspace):
     assert np.abs(px("broken") - [180, 120, 90]).max() <= 1 and np.abs(px("srgb") - [180, 120, 90]).max() <= 1
 
 
+def test_uncalibrated_exif_colour_space_without_a_profile_is_noted(tmp_path):
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0xA001] = 0xFFFF  # ColorSpace: uncalibrated (a camera in Adobe RGB mode)
+    path = tmp_path / "a.jpg"
+    path.write_bytes(save(Image.new("RGB", (8, 8), (180, 120, 90)), "JPEG", exif=exif))
+    assert preprocess.open_rgb(path)[1] == ["colorspace-uncalibrated"]
+    exif.get_ifd(0x8769)[0xA001] = 1  # sRGB
+    path.write_bytes(save(Image.new("RGB", (8, 8), (180, 120, 90)), "JPEG", exif=exif))
+    assert preprocess.open_rgb(path)[1] == []
+
+
 def test_jpeg_with_a_profile_reaches_the_model_converted(tmp_path):
     """The brief's example: (180, 120, 90) in an Adobe RGB JPEG is (199, 122, 89) on a colour-managed screen."""
     path = tmp_path / "a.jpg"

@@ -81,6 +81,8 @@ REASONS = {
 NOTES = {  # `note` entries of ok rows: `code` or `code:detail`; the summary counts them by code
     "icc->srgb": "an embedded ICC colour profile (named after ':') was converted to sRGB",
     "icc-unusable": "an embedded ICC profile could not be applied (reason after ':'); pixels used as they are",
+    "colorspace-uncalibrated": "no ICC profile, and EXIF says the colours are not sRGB ('uncalibrated', as "
+                               "cameras in Adobe RGB mode write): pixels used as sRGB, colours may be dull",
     "frame": "a multi-frame file (GIF, MPO, APNG, animated WebP, TIFF); `frame:1/N`: the first of N frames is used",
     "jpeg-padding": "libjpeg found a few stray bytes after the last image block (written by some encoders); "
                     "every block decoded, the pixels are intact",
@@ -565,7 +567,7 @@ def main(params: dict[str, Any], **_: Any) -> dict[str, Any]:
     reasons = ", ".join(f"{k}: {v}" for k, v in summary["by_status"].items() if k != OK) or "none"
     (log.warning if summary["n_skipped"] else log.info)(
         "ingest: %d ok, %d skipped (%s); notes: %s; manifest %s, summary %s", summary["n_ok"],
-             summary["n_skipped"], reasons, summary["notes"] or "none", paths.MANIFEST, paths.INGEST_SUMMARY)
+        summary["n_skipped"], reasons, summary["notes"] or "none", paths.MANIFEST, paths.INGEST_SUMMARY)
     if summary["missing_file_with_near_match"]:
         log.warning("ingest: %d missing file(s) have a near match on disk (letter case, spaces, another "
                     "extension): a naming problem rather than lost files? See the detail column of %s",

@@ -53,6 +53,7 @@ FORMATS = {"webp": "WEBP", "jpeg": "JPEG", "png": "PNG"}
 SHARD_PATTERN = "shard-{:05d}.parquet"
 ROW_GROUP_SIZE = 256  # rows per Parquet row group inside a shard: small reads without reading a whole shard
 _EXIF_ORIENTATION = 0x0112
+_EXIF_IFD, _EXIF_COLOR_SPACE, _UNCALIBRATED = 0x8769, 0xA001, 0xFFFF
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
@@ -286,6 +287,10 @@ def _open_rgb(path, draft_size, max_pixels) -> tuple[Image.Image, list[str], tup
             opened.draft(opened.mode, draft_size(w, h) if callable(draft_size) else draft_size)
         opened.load()
         icc = opened.info.get("icc_profile")
+        if not icc and opened.getexif().get_ifd(_EXIF_IFD).get(_EXIF_COLOR_SPACE) == _UNCALIBRATED:
+            # Cameras set to Adobe RGB write "uncalibrated" here (DCF option file) and often embed no profile:
+            # the colours are not sRGB, but which space they are in is not stated. Say so; use them as they are.
+            notes.append("colorspace-uncalibrated")
         im = opened
         if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
             im = ImageOps.exif_transpose(im)

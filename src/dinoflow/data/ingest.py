@@ -38,6 +38,7 @@ matching lists a folder once, and only when a path is not found as written.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import posixpath
 import re
@@ -554,6 +555,9 @@ def main(params: dict[str, Any], **_: Any) -> dict[str, Any]:
 
     workers = resolve_workers(cfg.get("workers", 0))
     log.info("ingest: %d rows from %s, images in %s, %d worker(s)", len(df), coll["metadata"], images_dir, workers)
+    if importlib.util.find_spec("simplejpeg") is None:
+        log.warning("ingest: simplejpeg is not installed: JPEGs are checked with torchvision's decoder at full size "
+                    "(about 10x slower; `pip install simplejpeg`, a dinoflow dependency)")
     df = validate_rows(df, images_dir, int(cfg["max_pixels"]), workers)
 
     table = manifest_table(df, label_columns, unknown if keep_unknown else [])

@@ -352,3 +352,24 @@ def test_collapse_verdict_warns_or_fails(env):
     with pytest.raises(DinoflowError, match=r"model scratch: uniform_collapse .*teacher entropy .*RankMe"):
         _train(params, images, "scratch")
     assert not Path(paths.model_weights("scratch")).exists()
+
+
+def test_another_method_through_the_train_stage_writes_contract_2(env):
+    """`dinoflow train` with SimCLR (no teacher, no targets): the student is saved; the verdict reads the student's
+    embeddings only (target terms null); drift is measured; asking for a teacher is refused before training."""
+    params, images = env
+    params["models"].append({"name": "sim", "init": "random", "method": "simclr", "trainable": "all"})
+    params["methods"]["simclr"] = {"hidden_dim": 32, "out_dim": 16}
+    validate_params(params)
+    _train(params, images, "sim")
+    info = read_json(paths.model_info("sim"))
+    assert info["evaluated_network"] == "student" and info["train"]["method"] == "simclr"
+    assert info["train"]["lr_overrides"] == {}  # not the searched method: train.lr
+    c = info["collapse"]
+    assert c["verdict"] in ("healthy", "dimensional_collapse") and c["teacher_entropy"] is None
+    assert c["rankme"] == pytest.approx(_curve("sim", "student/rankme")[-3:].mean(), rel=1e-5)
+    assert c["teacher_std"] == pytest.approx(_curve("sim", "student/std")[-3:].mean(), rel=1e-5)
+    assert -1 <= info["drift"]["median_cosine"] <= 1
+    params["train"]["evaluate_network"] = "teacher"
+    with pytest.raises(DinoflowError, match="evaluate_network: teacher, but method 'simclr' has no teacher"):
+        _train(params, images, "sim")

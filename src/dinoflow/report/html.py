@@ -20,6 +20,7 @@ from dinoflow.config import model_config, model_names
 from dinoflow.errors import DinoflowError
 from dinoflow.report import figures as F
 from dinoflow.report.grids import GRID_QUERIES, caption_of, read_model_info
+from dinoflow.report.text_quality import text_quality_block
 from dinoflow.utils import get_logger, read_json, write_json
 
 log = get_logger(__name__)
@@ -464,6 +465,7 @@ def build(params: dict[str, Any], fig_dir: str | Path = REPORT_FIGURES_DIR) -> t
         "any_stand_in": any(r["info"] and r["info"].get("stand_in") for r in model_rows),
         "collection": collection,
         "text_counts": text_counts,
+        "text_quality": text_quality_block(TEXT_METRICS),
         "training": training,
         "finetune": finetune,
         "lr_search": lr_search,

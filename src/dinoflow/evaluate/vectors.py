@@ -38,7 +38,8 @@ def write_vectors(path: str | Path, ids: list[str] | np.ndarray, columns: Mappin
     arrays: list[pa.Array] = [pa.array(ids, type=pa.string())]
     names = ["id"]
     for name, mat in columns.items():
-        mat = np.ascontiguousarray(mat, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf here, and is reported just below
+            mat = np.ascontiguousarray(mat, dtype=np.float32)
         if mat.ndim != 2 or mat.shape[0] != len(ids):
             raise DinoflowError(f"{path}: column {name!r} has shape {mat.shape}, expected ({len(ids)}, D)")
         check_vectors(mat, f"{path}: column {name!r}" + (f" (model {source})" if source else ""),

@@ -44,12 +44,12 @@ def test_write_vectors_refuses_nan_embeddings_and_writes_nothing(tmp_path):
         write_vectors(out, ["a", "b", "c"], {"cls": np.ones((3, 2)), "patch_mean": big}, {"model": "m"})
 
 
-def test_write_vectors_refuses_zero_rows():
+def test_write_vectors_refuses_zero_rows(tmp_path):
     x = np.ones((4, 3), dtype=np.float32)
     x[2] = 0
     with pytest.raises(DinoflowError, match=r"column 'embedding' \(model t\): 1 of 4 rows are all zero"):
-        write_vectors("unused.parquet", list("abcd"), {"embedding": x}, {"text_model": "t"})
-    assert not Path("unused.parquet").exists()
+        write_vectors(tmp_path / "t.parquet", list("abcd"), {"embedding": x}, {"text_model": "t"})
+    assert not (tmp_path / "t.parquet").exists()
 
 
 def test_read_vectors_refuses_a_bad_file(tmp_path):

@@ -19,6 +19,7 @@ field's alignment (`text_warning`), the report shows the counts.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 from pathlib import Path
@@ -42,7 +43,7 @@ WARN_SHARE = 0.01      # warn (and flag the field's alignment) from this share o
 EMBEDDING_DECIMALS = 5  # embeddings equal to this many decimals count as identical (batch padding changes ulps)
 N_EXAMPLES = 3
 EXAMPLE_CHARS = 80
-TOKENIZE_CHUNK = 4096
+CHUNK = 4096  # texts tokenised / embeddings hashed at a time
 
 
 def keyword_descriptor(keywords: Any) -> str | None:
@@ -118,6 +119,12 @@ def _tokenizer_of(model) -> tuple[Any, int, bool]:
     return tokenizer, int(max_len), bool(getattr(first, "do_lower_case", False))
 
 
+def _digest(values: np.ndarray) -> bytes:
+    """128-bit BLAKE2b of an array's bytes: equal keys for equal token sequences / rounded embeddings, in 16
+    bytes per text instead of the sequence itself (memory stays small for a million texts)."""
+    return hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=16).digest()
+
+
 def _example(ident: str, text: str) -> dict[str, str]:
     short = text if len(text) <= EXAMPLE_CHARS else text[:EXAMPLE_CHARS - 1] + "…"
     return {"id": ident, "text": short}
@@ -142,14 +149,15 @@ def text_quality(model, ids: list[str], texts: list[str], embeddings: np.ndarray
     Raises: DinoflowError when the model has no tokenizer to measure with.
     """
     tokenizer, max_len, lower = _tokenizer_of(model)
+    embeddings = np.asarray(embeddings)
     unk_id = getattr(tokenizer, "unk_token_id", None)
     capacity = max(0, max_len - int(tokenizer.num_special_tokens_to_add(pair=False)))
     n = len(texts)
     n_tok = np.zeros(n, dtype=np.int64)
     n_unk = np.zeros(n, dtype=np.int64)
-    inputs: list[tuple[int, ...]] = []
-    for start in range(0, n, TOKENIZE_CHUNK):
-        chunk = texts[start:start + TOKENIZE_CHUNK]
+    inputs: list[bytes] = []  # digest of each text's model input (its token ids after truncation)
+    for start in range(0, n, CHUNK):
+        chunk = texts[start:start + CHUNK]
         if lower:
             chunk = [t.lower() for t in chunk]
         # verbose=False: the "longer than the maximum" warning per text; truncation is counted here instead
@@ -157,7 +165,7 @@ def text_quality(model, ids: list[str], texts: list[str], embeddings: np.ndarray
         for j, tokens in enumerate(enc):
             n_tok[start + j] = len(tokens)
             n_unk[start + j] = sum(1 for t in tokens if t == unk_id) if unk_id is not None else 0
-            inputs.append(tuple(tokens[:capacity]))
+            inputs.append(_digest(np.asarray(tokens[:capacity], dtype=np.int64)))
     mostly = (n_tok > 0) & (n_unk >= MOSTLY_UNKNOWN * n_tok)
     all_unknown = (n_tok > 0) & (n_unk == n_tok)
     truncated = n_tok > capacity
@@ -169,9 +177,12 @@ def text_quality(model, ids: list[str], texts: list[str], embeddings: np.ndarray
     for i, t in enumerate(norm):
         first_of.setdefault(t, i)
     distinct = sorted(first_of.values())
-    rows = np.asarray(embeddings, dtype=np.float64)[distinct] if n else np.zeros((0, 1))
-    emb_keys = [row.tobytes() for row in np.round(rows, EMBEDDING_DECIMALS) + 0.0]  # + 0.0: -0.0 -> 0.0
-    per_input: dict[tuple[int, ...], int] = {}
+    emb_keys: list[bytes] = []
+    for start in range(0, len(distinct), CHUNK):  # chunks: a float64 copy of 1M x 384 would be 3 GB
+        rows = np.round(np.asarray(embeddings[distinct[start:start + CHUNK]], dtype=np.float64),
+                        EMBEDDING_DECIMALS) + 0.0  # + 0.0: -0.0 -> 0.0
+        emb_keys += [_digest(row) for row in rows]
+    per_input: dict[bytes, int] = {}
     per_embedding: dict[bytes, int] = {}
     for i, key in zip(distinct, emb_keys):
         per_input[inputs[i]] = per_input.get(inputs[i], 0) + 1

@@ -29,11 +29,17 @@ GEORGIAN = "აბგდევზთიკლმნოპჟრსტუფღ�
 
 @pytest.fixture(scope="module")
 def model():
+    """The bundled model, loaded once; the offline flag it sets is put back so other tests see the hub as before."""
     import os
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
     m, _ = load_text_model(MODEL, "cpu")
-    return m
+    yield m
+    if before is None:
+        os.environ.pop("HF_HUB_OFFLINE", None)
+    else:
+        os.environ["HF_HUB_OFFLINE"] = before
 
 
 def georgian_captions(n: int = 12, seed: int = 0) -> list[str]:

@@ -70,6 +70,8 @@ def test_timm_file_and_timm_hub_model(tmp_path: Path, monkeypatch):
 
     with torch.no_grad():
         src.model.norm.weight.copy_(poison(src.model.norm.weight, 1))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # set by other tests' offline text models
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(W, "_hub_reachable", lambda *a, **k: True)
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: src.model)  # the download, stood in for
     with pytest.raises(DinoflowError, match=r"hub:vit_small_patch14_dinov2: .*'norm\.weight': 1 of 32"):

@@ -46,6 +46,21 @@ def test_state_dict_names_every_bad_tensor():
     assert "norm.weight" not in msg
 
 
+def test_large_matrix_is_checked_in_blocks(monkeypatch):
+    import dinoflow.checks as C
+
+    monkeypatch.setattr(C, "BLOCK_ELEMENTS", 8)  # 2 rows of 4 per block: counts must add up across blocks
+    x = np.ones((9, 4))
+    x[[0, 3, 8], 1] = np.nan
+    x[3, 2] = -np.inf
+    x[5] = 0
+    with pytest.raises(DinoflowError, match=r"4 of 36 values .*\(3 NaN, 1 infinite\), in 3 of 9 rows"):
+        require_finite(x, "x")
+    with pytest.raises(DinoflowError, match=r"1 of 9 rows are all zero .*\[5\]"):
+        require_nonzero_rows(np.nan_to_num(x), "x")
+    require_finite(np.zeros((0, 4, 2)), "empty")
+
+
 def test_zero_rows_and_index_range():
     x = np.ones((5, 3))
     x[[1, 3]] = 0

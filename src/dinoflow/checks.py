@@ -12,6 +12,7 @@ embeddings, NaN neighbour scores or a scikit-learn traceback three stages later.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Mapping
 
 import numpy as np
@@ -19,6 +20,7 @@ import numpy as np
 from dinoflow.errors import DinoflowError
 
 MAX_LISTED = 10  # tensors named in one error message
+BLOCK_ELEMENTS = 1 << 22  # values checked at a time in a NumPy array (bounded temporary memory)
 
 
 def _counts(values: Any) -> tuple[int, int, int, int, int] | None:
@@ -26,10 +28,7 @@ def _counts(values: Any) -> tuple[int, int, int, int, int] | None:
 
     Rows are the first axis of a 2-D or higher array (n_bad_rows = rows with any non-finite value); a 0-/1-D
     array has no rows (both 0)."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency; numpy-only use still works
-        torch = None
+    torch = sys.modules.get("torch")  # a tensor implies torch is imported; never import it (seconds) for NumPy
     if torch is not None and isinstance(values, torch.Tensor):
         if not (values.is_floating_point() or values.is_complex()):
             return None
@@ -45,13 +44,18 @@ def _counts(values: Any) -> tuple[int, int, int, int, int] | None:
     arr = np.asarray(values)
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.complexfloating)):
         return None
-    bad = ~np.isfinite(arr)
-    n_bad = int(bad.sum())
-    if n_bad == 0:
-        return arr.size, 0, 0, 0, (arr.shape[0] if arr.ndim >= 2 else 0)
-    rows = (int(bad.reshape(arr.shape[0], -1).any(axis=1).sum()), arr.shape[0]) if arr.ndim >= 2 else (0, 0)
-    n_nan = int(np.isnan(arr).sum())
-    return arr.size, n_nan, n_bad - n_nan, *rows
+    # Row blocks of about BLOCK_ELEMENTS values: the boolean temporaries of a 1M x 384 matrix would be 384 MB.
+    rows2 = arr.reshape(arr.shape[0], int(np.prod(arr.shape[1:]))) if arr.ndim >= 2 else arr.reshape(1, arr.size)
+    step = max(1, BLOCK_ELEMENTS // max(1, rows2.shape[1]))
+    n_nan = n_inf = bad_rows = 0
+    for start in range(0, rows2.shape[0], step):
+        block = rows2[start:start + step]
+        bad = ~np.isfinite(block)
+        if bad.any():
+            nan = int(np.isnan(block).sum())
+            n_nan, n_inf = n_nan + nan, n_inf + int(bad.sum()) - nan
+            bad_rows += int(bad.any(axis=1).sum())
+    return arr.size, n_nan, n_inf, (bad_rows if arr.ndim >= 2 else 0), (arr.shape[0] if arr.ndim >= 2 else 0)
 
 
 def _describe(counts: tuple[int, int, int, int, int]) -> str:
@@ -98,7 +102,8 @@ def require_nonzero_rows(x: np.ndarray, what: str, hint: str = "") -> None:
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[0] == 0:
         return
-    zero = ~np.any(x != 0, axis=1)
+    step = max(1, BLOCK_ELEMENTS // max(1, x.shape[1]))
+    zero = np.concatenate([~np.any(x[s:s + step] != 0, axis=1) for s in range(0, x.shape[0], step)])
     n = int(zero.sum())
     if n:
         first = np.flatnonzero(zero)[:5].tolist()

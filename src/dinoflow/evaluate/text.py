@@ -145,7 +145,8 @@ def text_quality(model, ids: list[str], texts: list[str], embeddings: np.ndarray
       n_distinct_embeddings (of the distinct texts, equal to `EMBEDDING_DECIMALS` decimals), n_texts_collapsed
       (texts whose distinct text shares its model input or its embedding with another distinct text);
       n_texts_affected (any of mostly unknown, truncated, empty, collapsed) and affected_share; examples (up to
-      `N_EXAMPLES` ids and texts per kind); warning (str when affected_share or unknown_token_share >= `WARN_SHARE`, else null).
+      `N_EXAMPLES` ids and texts per kind); warning (`quality_warning`: str when affected_share or
+      unknown_token_share reaches `WARN_SHARE`, else null).
     Raises: DinoflowError when the model has no tokenizer to measure with.
     """
     tokenizer, max_len, lower = _tokenizer_of(model)

@@ -10,7 +10,7 @@ from dinoflow import paths
 from dinoflow.evaluate import align
 from dinoflow.evaluate.align import align_field, mantel_test, mutual_knn, query_spearman
 from dinoflow.evaluate.vectors import l2_normalize, write_vectors
-from dinoflow.utils import read_json
+from dinoflow.utils import read_json, write_json
 
 CFG = {"exact_max_n": 1000, "n_sampled_pairs": 3000, "n_bootstrap": 50, "n_permutations": 49, "mutual_knn_k": 5}
 NCFG = {"exact_max_n": 10_000, "block_size": 64}
@@ -110,10 +110,13 @@ def test_main_writes_metrics_per_field(tmp_path, monkeypatch):
     write_vectors(paths.text_embeddings("caption"), [ids[i] for i in order], {"embedding": text[order]},
                   {"text_model": "t"})
     write_vectors(paths.text_embeddings("keywords"), ids[:3], {"embedding": text[:3]}, {"text_model": "t"})
+    write_json(paths.TEXT_METRICS, {"quality": {"caption": {"warning": "12 of 30 texts mostly [UNK]"},
+                                                "keywords": {"warning": None}}})
     params = {"seed": 0, "align": CFG, "neighbours": NCFG}
     align.main(params, model="m")
     out = read_json(paths.align_metrics("m"))
     cap = out["fields"]["caption"]
+    assert cap["text_warning"] == "12 of 30 texts mostly [UNK]" and out["fields"]["keywords"]["text_warning"] is None
     assert cap["n_items"] == 30 and cap["n_without_text"] == 10 and cap["n_pairs"] == 435
     for key in ("spearman", "ci_low", "ci_high", "method", "mantel_p", "mean_query_spearman", "mutual_knn"):
         assert key in cap

@@ -80,6 +80,7 @@ rule align:
     input:
         paths.embeddings("{model}"),
         [paths.text_embeddings(f) for f in TEXT_FIELDS],
+        paths.TEXT_METRICS,
     output:
         metric(paths.align_metrics("{model}")),
     params:

@@ -28,6 +28,7 @@ from dinoflow import paths
 from dinoflow.errors import DinoflowError
 from dinoflow.evaluate.neighbours import topk_neighbours
 from dinoflow.evaluate.spearman import exact_pair_spearman, sampled_pair_spearman
+from dinoflow.evaluate.text import text_warnings
 from dinoflow.evaluate.vectors import l2_normalize, read_vectors, read_vectors_metadata
 from dinoflow.utils import get_logger, write_json
 
@@ -133,6 +134,7 @@ def main(params: dict[str, Any], model: str) -> None:
     img_ids, img = read_vectors(src, EMBEDDING_COLUMN)
     meta = read_vectors_metadata(src)
     position = {i: p for p, i in enumerate(img_ids)}
+    warnings = text_warnings(paths.TEXT_METRICS)  # text the text model cannot see flags that field's alignment
     result: dict[str, Any] = {"model": model, "embedding_column": EMBEDDING_COLUMN,
                               "stand_in": meta.get("stand_in"), "stand_in_label": meta.get("stand_in_label"),
                               "weights_source": meta.get("weights_source"), "fields": {}}
@@ -142,7 +144,10 @@ def main(params: dict[str, Any], model: str) -> None:
         rows = np.array([position.get(i, -1) for i in txt_ids])
         have = rows >= 0
         entry: dict[str, Any] = {"text_model": read_vectors_metadata(tpath).get("text_model"),
-                                 "n_images": len(img_ids), "n_without_text": int(len(img_ids) - have.sum())}
+                                 "n_images": len(img_ids), "n_without_text": int(len(img_ids) - have.sum()),
+                                 "text_warning": warnings[field]}
+        if warnings[field]:
+            log.warning("%s / %s: alignment affected: %s", model, field, warnings[field])
         if have.sum() < MIN_ITEMS:
             entry.update(n_items=int(have.sum()), skipped=f"fewer than {MIN_ITEMS} images have a {field}")
             log.warning("%s: %s skipped: only %d images have that text", model, field, int(have.sum()))

@@ -31,7 +31,6 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
 from dinoflow import paths
 from dinoflow.config import model_names
@@ -258,10 +257,28 @@ def _pair_sims(x: np.ndarray, i: np.ndarray, j: np.ndarray, dense: np.ndarray | 
     return out
 
 
+def rank_rows(a: np.ndarray) -> np.ndarray:
+    """Average ranks (1-based, ties share their mean rank, as `scipy.stats.rankdata(a, axis=1)`) of each row.
+
+    An unstable sort plus one pass over runs of equal values: several times faster than rankdata's stable sort.
+    """
+    r, p = a.shape
+    order = np.argsort(a, axis=1)
+    s = np.take_along_axis(a, order, axis=1)
+    new = np.ones((r, p), dtype=bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]           # a run never crosses rows: each row starts a new one
+    run = np.cumsum(new.ravel()) - 1
+    pos = np.tile(np.arange(1, p + 1, dtype=np.float64), r)
+    mean_rank = np.bincount(run, weights=pos) / np.bincount(run)
+    ranks = np.empty((r, p))
+    np.put_along_axis(ranks, order, mean_rank[run].reshape(r, p), axis=1)
+    return ranks
+
+
 def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman correlation of each row of a with the same row of b ((R, P) each; average ranks for ties;
     NaN for a row where either side is constant)."""
-    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
+    ra, rb = rank_rows(a), rank_rows(b)
     ra -= ra.mean(axis=1, keepdims=True)
     rb -= rb.mean(axis=1, keepdims=True)
     den = np.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))

@@ -146,3 +146,22 @@ def test_main_with_group_column(tmp_path, monkeypatch):
     params["collection"]["group_column"] = "nope"
     with pytest.raises(DinoflowError, match="group_column 'nope'.*not found"):
         groups.main(params)
+
+
+def test_preprocess_hashes_the_processed_image_and_indexes_it(tmp_path):
+    from dinoflow.data.preprocess import process_image_with_phash, write_index
+
+    img = _scene(7, size=300)
+    img.save(tmp_path / "a.png")
+    img.resize((150, 150)).save(tmp_path / "b.jpg", quality=70)     # a smaller recompressed copy
+    _scene(8, size=300).save(tmp_path / "c.png")
+    blob, ha = process_image_with_phash(str(tmp_path / "a.png"), size=256)
+    _, hb = process_image_with_phash(str(tmp_path / "b.jpg"), size=256)
+    _, hc = process_image_with_phash(str(tmp_path / "c.png"), size=256)
+    fitted = Image.open(io.BytesIO(blob)).convert("RGB")
+    assert fitted.size == (256, 256) and len(ha) == 16
+    assert imagehash.hex_to_hash(ha) - imagehash.phash(fitted) <= 2  # hash of the fitted (pre-WebP) image
+    assert imagehash.hex_to_hash(ha) - imagehash.hex_to_hash(hb) <= 4 < imagehash.hex_to_hash(ha) - imagehash.hex_to_hash(hc)
+    write_index([("a", 0, 0, 4, 10), ("c", 0, 1, 20, 10)], tmp_path / "index.parquet", {"a": ha, "c": hc})
+    index = pd.read_parquet(tmp_path / "index.parquet")
+    assert index["phash"].tolist() == [ha, hc] and list(index.columns)[:5] == ["id", "shard", "row", "offset", "length"]

@@ -98,9 +98,11 @@ def main() -> None:
     name = "groups_quick" if args.quick else "groups"
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    command = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} python benchmarks/bench_groups.py"
+    command += " --quick" if args.quick else ""
     md = f"""# Near-duplicate groups: multi-index Hamming search vs all pairs
 
-`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} python benchmarks/bench_groups.py{' --quick' if args.quick else ''}`
+`{command}`
 ({platform.platform()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})
 
 | | N | max distance | seconds |

@@ -3,19 +3,17 @@ degenerate fields (null + reason, strict JSON), main."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
 from dinoflow import paths
 from dinoflow.evaluate import align
-import json
-
-import pandas as pd
-
 from dinoflow.evaluate.align import align_field, mantel_test, mutual_knn, query_spearman
 from dinoflow.evaluate.vectors import l2_normalize, similarity_features, write_vectors
-from dinoflow.utils import read_json
 
 CFG = {"exact_max_n": 1000, "n_sampled_pairs": 3000, "n_permutations": 49, "mutual_knn_k": 5,
        "near_constant_share": 0.9}

@@ -161,7 +161,8 @@ def test_preprocess_hashes_the_processed_image_and_indexes_it(tmp_path):
     fitted = Image.open(io.BytesIO(blob)).convert("RGB")
     assert fitted.size == (256, 256) and len(ha) == 16
     assert imagehash.hex_to_hash(ha) - imagehash.phash(fitted) <= 2  # hash of the fitted (pre-WebP) image
-    assert imagehash.hex_to_hash(ha) - imagehash.hex_to_hash(hb) <= 4 < imagehash.hex_to_hash(ha) - imagehash.hex_to_hash(hc)
+    dist = {k: imagehash.hex_to_hash(ha) - imagehash.hex_to_hash(h) for k, h in (("b", hb), ("c", hc))}
+    assert dist["b"] <= 4 < dist["c"]
     write_index([("a", 0, 0, 4, 10), ("c", 0, 1, 20, 10)], tmp_path / "index.parquet", {"a": ha, "c": hc})
     index = pd.read_parquet(tmp_path / "index.parquet")
     assert index["phash"].tolist() == [ha, hc] and list(index.columns)[:5] == ["id", "shard", "row", "offset", "length"]

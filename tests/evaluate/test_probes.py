@@ -125,7 +125,9 @@ def test_choose_c_prefers_strong_regularisation_on_noise_and_weak_on_clean_data(
     noise = rng.normal(size=(n, d))
     c_noise, cv_noise = choose_c(noise, y, g, 3, [1e-4, 1.0], 3, 500, 0)
     assert max(cv_noise["cv_top1"]) < 0.6
-    assert choose_c(noise, y, g, 3, [0.5], 3, 500, 0) == (0.5, {"c_grid": [0.5], "cv_folds": 0, "cv_top1": None})
+    assert cv["c_at_grid_edge"] is True
+    assert choose_c(noise, y, g, 3, [0.5], 3, 500, 0) == (0.5, {"c_grid": [0.5], "cv_folds": 0, "cv_top1": None,
+                                                               "c_at_grid_edge": None})
     with pytest.raises(DinoflowError, match="linear_c_grid"):
         choose_c(noise, y, np.zeros(n), 3, [0.1, 1.0], 3, 500, 0)
 

@@ -20,7 +20,8 @@ than one file per image.
 `paths.PROCESSED_INDEX` maps each id to (shard, row) and to the byte range of its image inside the shard file
 (offset, length: O(1) memory-mapped random access, see `locate_blobs`), and gives the perceptual hash of the
 processed image (`phash`: `imagehash.phash`, 16 hex digits; `dinoflow groups` finds near-duplicates with it);
-its order (manifest order of ok rows) is the image order every later stage uses. Read them with `dinoflow.data.store.ImageStore`.
+its order (manifest order of ok rows) is the image order every later stage uses. Read them with
+`dinoflow.data.store.ImageStore`.
 """
 
 from __future__ import annotations

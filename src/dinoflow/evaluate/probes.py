@@ -174,14 +174,15 @@ def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int, c
     """C of `c_grid` with the best mean validation top-1 over grouped stratified folds of (x, y).
 
     Each fold standardises on its own training part; along the grid (ascending C) the solver warm-starts.
-    Returns (C, {"c_grid", "cv_folds", "cv_top1": [mean per C]}). A one-value grid is returned without CV.
+    Returns (C, {"c_grid", "cv_folds", "cv_top1": [mean per C], "c_at_grid_edge": bool}); a warning is logged
+    when the chosen C is the smallest or largest of the grid. A one-value grid is returned without CV.
     Raises DinoflowError when the grid has several values but the data have fewer than two groups.
     """
     from sklearn.preprocessing import StandardScaler
 
     grid = sorted(float(c) for c in c_grid)
     if len(grid) == 1:
-        return grid[0], {"c_grid": grid, "cv_folds": 0, "cv_top1": None}
+        return grid[0], {"c_grid": grid, "cv_folds": 0, "cv_top1": None, "c_at_grid_edge": None}
     folds = cv_folds(y, groups, n_folds, seed)
     if not folds:
         raise DinoflowError("probes.linear_c_grid: cross-validation needs at least two groups in the training "
@@ -197,7 +198,11 @@ def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int, c
             acc[f, j] = expected_topk_hit(_proba(clf, xva, n_classes), y[va], 1).mean()
     mean = acc.mean(axis=0)
     best = int(np.flatnonzero(mean >= mean.max() - 1e-12)[0])
-    return grid[best], {"c_grid": grid, "cv_folds": len(folds), "cv_top1": mean.tolist()}
+    at_edge = best in (0, len(grid) - 1)
+    if at_edge:
+        log.warning("linear probe: cross-validation chose C=%g, at the edge of probes.linear_c_grid %s; a wider "
+                    "grid may do better", grid[best], grid)
+    return grid[best], {"c_grid": grid, "cv_folds": len(folds), "cv_top1": mean.tolist(), "c_at_grid_edge": at_edge}
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> list[list[int]]:

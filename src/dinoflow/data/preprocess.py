@@ -21,8 +21,10 @@ shards mean ~3,000x fewer files, ~1.45x fewer bytes on disk, ~4-5x faster hashin
 than one file per image.
 
 `paths.PROCESSED_INDEX` maps each id to (shard, row) and to the byte range of its image inside the shard file
-(offset, length: O(1) memory-mapped random access, see `locate_blobs`); its order (manifest order of ok rows)
-is the image order every later stage uses. Read them with `dinoflow.data.store.ImageStore`.
+(offset, length: O(1) memory-mapped random access, see `locate_blobs`), and gives the perceptual hash of the
+processed image (`phash`: `imagehash.phash`, 16 hex digits; `dinoflow groups` finds near-duplicates with it);
+its order (manifest order of ok rows) is the image order every later stage uses. Read them with
+`dinoflow.data.store.ImageStore`.
 """
 
 from __future__ import annotations
@@ -363,8 +365,18 @@ def encode(im: Image.Image, fmt: str = "webp", quality: int = 90) -> bytes:
 def process_image(path: str, size: int = 256, mode: str = "crop", pad_color: Sequence[int] = BACKGROUND,
                   fmt: str = "webp", quality: int = 90) -> bytes:
     """One image: decode (JPEG draft where it helps) → upright RGB → fit → encoded bytes."""
+    return process_image_with_phash(path, size, mode, pad_color, fmt, quality)[0]
+
+
+def process_image_with_phash(path: str, size: int = 256, mode: str = "crop", pad_color: Sequence[int] = BACKGROUND,
+                             fmt: str = "webp", quality: int = 90) -> tuple[bytes, str]:
+    """`process_image` plus the 64-bit perceptual hash (`imagehash.phash`, 16 hex digits) of the fitted image,
+    used by `dinoflow groups` to find near-duplicates."""
+    import imagehash
+
     im, _, _ = open_rgb(path, draft_size=lambda w, h: draft_request(w, h, size, mode))
-    return encode(fit(im, size, mode, pad_color), fmt, quality)
+    fitted = fit(im, size, mode, pad_color)
+    return encode(fitted, fmt, quality), str(imagehash.phash(fitted))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -428,11 +440,11 @@ class _ChunkProcessor:
     def __init__(self, size: int, mode: str, pad_color: Sequence[int], fmt: str, quality: int):
         self.kwargs = dict(size=size, mode=mode, pad_color=tuple(pad_color), fmt=fmt, quality=quality)
 
-    def __call__(self, chunk: list[str]) -> list[tuple[bytes | None, str | None]]:
+    def __call__(self, chunk: list[str]) -> list[tuple[tuple[bytes, str] | None, str | None]]:
         out = []
         for path in chunk:
             try:
-                out.append((process_image(path, **self.kwargs), None))
+                out.append((process_image_with_phash(path, **self.kwargs), None))
             except Exception as exc:  # noqa: BLE001 - reported with the id by the caller
                 out.append((None, f"{type(exc).__name__}: {exc}"))
         return out
@@ -516,14 +528,18 @@ def write_shards(records: Iterable[tuple[str, bytes]], out_dir: str | Path, shar
     return index
 
 
-def write_index(index_rows: Sequence[tuple], path: str | Path) -> None:
+def write_index(index_rows: Sequence[tuple], path: str | Path, phash: dict[str, str] | None = None) -> None:
+    """phash: id -> perceptual hash (hex), written as the `phash` column when given."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     cols = list(zip(*index_rows)) if index_rows else [[], [], [], [], []]
-    table = pa.table({"id": pa.array(cols[0], pa.string()), "shard": pa.array(cols[1], pa.int32()),
-                      "row": pa.array(cols[2], pa.int32()), "offset": pa.array(cols[3], pa.int64()),
-                      "length": pa.array(cols[4], pa.int64())})
+    columns = {"id": pa.array(cols[0], pa.string()), "shard": pa.array(cols[1], pa.int32()),
+               "row": pa.array(cols[2], pa.int32()), "offset": pa.array(cols[3], pa.int64()),
+               "length": pa.array(cols[4], pa.int64())}
+    if phash is not None:
+        columns["phash"] = pa.array([phash[i] for i in cols[0]], pa.string())
+    table = pa.table(columns)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
 
@@ -556,12 +572,14 @@ def main(params: dict[str, Any], **_: Any) -> None:
              mode, fmt, cfg.get("quality", 90), workers)
 
     failures: list[str] = []
+    phash: dict[str, str] = {}
     processor = _ChunkProcessor(size, mode, cfg.get("pad_color", BACKGROUND), fmt, int(cfg.get("quality", 90)))
 
     def records() -> Iterator[tuple[str, bytes]]:
         results = parallel_map(processor, files, workers, chunk_size=32, desc="preprocess")
-        for image_id, path, (blob, error) in zip(ids, files, results):
+        for image_id, path, (done, error) in zip(ids, files, results):
             if error is None:
+                blob, phash[image_id] = done
                 yield image_id, blob
             else:
                 # Ingest decoded this file earlier: failing now means it changed on disk since.
@@ -571,6 +589,6 @@ def main(params: dict[str, Any], **_: Any) -> None:
     if failures:
         raise DinoflowError(f"preprocess: {len(failures)} image(s) that ingest accepted could not be processed "
                             f"(rerun `dinoflow ingest`): " + "; ".join(failures[:5]))
-    write_index(index_rows, paths.PROCESSED_INDEX)
+    write_index(index_rows, paths.PROCESSED_INDEX, phash)
     log.info("preprocess: wrote %d images in %d shard(s) to %s, index %s", len(index_rows),
              len({r[1] for r in index_rows}), paths.PROCESSED_DIR, paths.PROCESSED_INDEX)

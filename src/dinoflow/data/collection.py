@@ -23,6 +23,11 @@ unless it is a serialised list — a JSON array, a Python list/tuple literal (wh
 list) or a NumPy array repr (`['red' 'circle']`) — which is read as a list without evaluating anything
 (`json`, then Python's tokenizer with `ast.literal_eval` on single string tokens).
 
+Text files are UTF-8, or UTF-8/16/32 with a byte-order mark (Excel's "Unicode Text" is UTF-16); a CSV whose
+header is one column with `,` is read with `;` or tab when that gives the id and path columns (Excel in locales
+with a decimal comma), and Excel's `sep=;` first line is honoured. A CSV header naming a column twice and a JSON
+line with a key twice are refused (pandas / json would silently pick one copy).
+
 Invalid UTF-8 is decoded with `surrogateescape`, so each bad byte survives as a lone surrogate (U+DC80..U+DCFF)
 that we can find and report per row, instead of one decode error that stops the whole file.
 """
@@ -53,6 +58,9 @@ REQUIRED = ("id", "path")
 OPTIONAL = ("caption", "keywords")
 # Lone surrogates produced by errors="surrogateescape" for bytes 0x80..0xFF that are not valid UTF-8.
 _BAD_BYTE = re.compile("[\udc80-\udcff]")
+# Any lone surrogate: a bad byte (above), or a JSON \u escape of half a UTF-16 pair ("\ud83d" without its pair,
+# as text cut in the middle of an emoji has). Neither can be written as UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _format(path: Path) -> str:
@@ -69,13 +77,82 @@ def _format(path: Path) -> str:
     raise DinoflowError(f"{path}: unknown metadata format {ext!r} (use .csv, .parquet or .jsonl)")
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xef\xbb\xbf", "utf-8-sig"),
+         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def _open_binary(path: Path):
+    if path.suffix.lower() == ".gz":
+        import gzip
+
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _encoding(path: Path) -> str:
+    """UTF-8, or the Unicode encoding a byte-order mark announces: Excel's "Unicode Text" export is UTF-16 with
+    a BOM, and Windows tools put a UTF-8 BOM in front of CSV and JSON Lines files."""
+    with _open_binary(path) as fh:
+        head = fh.read(4)
+    return next((enc for bom, enc in _BOMS if head.startswith(bom)), "utf-8")
+
+
+# Separators spreadsheets write: Excel uses ";" where "," is the decimal comma, "\t" for "Text"/"Unicode Text".
+_SEPARATORS = (",", ";", "\t")
+
+
+def _csv_layout(path: Path, encoding: str, default: str, wanted: Iterable[str]) -> tuple[str, int]:
+    """(separator, lines to skip) from the header: Excel's `sep=;` first line, else `default` unless the header
+    read with it is one column, then the Excel separator (`;`, tab) whose header has the `wanted` columns."""
+    import csv
+
+    with _open_binary(path) as fh:
+        text = io.TextIOWrapper(fh, encoding=encoding, errors="surrogateescape", newline="")
+        first = text.readline()
+        if first.lower().startswith("sep=") and len(first.rstrip("\r\n")) == 5:
+            log.info("%s: Excel's first line %r sets the separator: read with %r", path, first.strip(), first[4])
+            return first[4], 1
+    line = first
+    wanted = [w for w in wanted if w]
+
+    def header(sep: str) -> list[str]:
+        return next(csv.reader([line], delimiter=sep), [])
+
+    if len(header(default)) > 1 or not line.strip():
+        return default, 0
+    for sep in _SEPARATORS:
+        names = header(sep)
+        if sep != default and len(names) > 1 and all(w in names for w in wanted):
+            log.info("%s: the header is %r-separated, not %r (as Excel writes in some locales): read with %r",
+                     path, sep, default, sep)
+            return sep, 0
+    if not any(c in line for c in ";\t|:"):
+        return default, 0  # a one-column table: the missing column is reported by the caller
+    tried = ", ".join(map(repr, _SEPARATORS))
+    raise DinoflowError(f"{path}: the header has only one column ({line.strip()[:80]!r}) with the separator "
+                        f"{default!r}: is the file separated by another character? (tried {tried})")
+
+
+def _read_csv(path: Path, wanted: Iterable[str] = ()) -> pd.DataFrame:
+    import csv
+
+    default = "\t" if path.suffix.lower() == ".tsv" else ","
+    encoding = _encoding(path)
+    sep, skip = _csv_layout(path, encoding, default, wanted)
+    with _open_binary(path) as fh:
+        text = io.TextIOWrapper(fh, encoding=encoding, errors="surrogateescape", newline="")
+        for _ in range(skip):
+            text.readline()
+        names = next(csv.reader([text.readline()], delimiter=sep), [])
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DinoflowError(f"{path}: column(s) {', '.join(map(repr, repeated))} appear more than once in the header: "
+                            "which one holds the data is ambiguous (rename or remove the copies)")
     try:
         # dtype=object keeps ids such as "00123" as text and lets surrogates through (pandas' Arrow-backed
         # strings would reject them); only empty cells are missing, so a caption "NA" stays "NA".
-        return pd.read_csv(path, sep=sep, dtype=object, encoding="utf-8", encoding_errors="surrogateescape",
-                           keep_default_na=False, na_values=[""])
+        return pd.read_csv(path, sep=sep, dtype=object, encoding=encoding, encoding_errors="surrogateescape",
+                           keep_default_na=False, na_values=[""], skiprows=skip)
     except pd.errors.EmptyDataError as exc:
         raise DinoflowError(f"{path}: metadata file is empty (expected a header row with at least id, path)") \
             from exc
@@ -89,19 +166,50 @@ class JsonNumber(str):
 
 
 def _json_constant(name: str) -> Any:
-    # NaN (written by Python's json for a float nan) is a missing value; Infinity stays visible as text.
+    # NaN (written by Python's json for a float nan) is a missing value; Infinity stays visible (an invalid id).
     return None if name == "NaN" else JsonNumber(name)
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: with a key written twice, `json` keeps the last value silently."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+def json_text(value: Any) -> str:
+    """A cell of nested JSON values (lists, objects, `JsonNumber`s) → compact JSON text, numbers as written."""
+    if isinstance(value, JsonNumber):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k), ensure_ascii=False)}: {json_text(v)}"
+                               for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return "[" + ", ".join(json_text(v) for v in value) + "]"
+    if isinstance(value, (np.generic,)):
+        value = value.item()
+    if _is_missing(value):
+        return "null"
+    return json.dumps(value, ensure_ascii=False, default=str)
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
     records: list[dict[str, Any]] = []
     errors: list[str | None] = []
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as fh:
+    raw_bad: list[bool] = []  # the line itself had bytes that are not UTF-8 (vs. \u escapes of surrogates)
+    line_numbers: list[int] = []
+    with open(path, encoding=_encoding(path), errors="surrogateescape", newline="\n") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
+            raw_bad.append(_BAD_BYTE.search(line) is not None)
+            line_numbers.append(lineno)
             try:
-                rec = json.loads(line, parse_int=JsonNumber, parse_float=JsonNumber, parse_constant=_json_constant)
+                rec = json.loads(line, parse_int=JsonNumber, parse_float=JsonNumber, parse_constant=_json_constant,
+                                 object_pairs_hook=_json_object)
                 if not isinstance(rec, dict):
                     raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
                 records.append(rec)
@@ -115,6 +223,8 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     df = pd.DataFrame({name: pd.Series([rec.get(name) for rec in records], dtype=object) for name in names},
                       index=pd.RangeIndex(len(records)))
     df["__jsonl_error"] = pd.Series(errors, dtype=object)
+    df.attrs["raw_bad_bytes"] = raw_bad
+    df.attrs["line_numbers"] = line_numbers
     return df
 
 
@@ -137,6 +247,11 @@ def _read_parquet(path: Path) -> pd.DataFrame:
         if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
             out[name] = pd.Series([None if v is None else v.decode("utf-8", "surrogateescape")
                                    for v in col.to_pylist()], dtype=object)
+        elif pa.types.is_float16(col.type) or pa.types.is_float32(col.type):
+            # NumPy scalars keep their precision, so `identifier` knows a float32 id is exact only below 2^24.
+            values = col.to_numpy()
+            out[name] = pd.Series([None if v is None else values.dtype.type(v) for v in col.to_pylist()],
+                                  dtype=object)
         else:
             out[name] = pd.Series(col.to_pylist(), dtype=object)
     return pd.DataFrame(out, index=pd.RangeIndex(table.num_rows))
@@ -157,12 +272,9 @@ def _as_text(value: Any) -> str | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, (list, tuple, np.ndarray, dict)):
-        return json.dumps(list(value) if isinstance(value, np.ndarray) else value, default=str)
+        return json_text(value)
     text = str(value).strip()
     return text or None
-
-
-_FLOAT_EXACT = 2 ** 53  # every integer up to here is exact in a float64
 
 
 def identifier(value: Any, name: str = "id") -> tuple[str | None, str | None, bool]:
@@ -179,15 +291,19 @@ def identifier(value: Any, name: str = "id") -> tuple[str | None, str | None, bo
         return None, f"{name} is a boolean ({value}), not an identifier", False
     if isinstance(value, (list, tuple, np.ndarray, dict)):
         return None, f"{name} is a {type(value).__name__} ({_as_text(value)}), not a single value", False
+    if isinstance(value, JsonNumber) and value.lstrip("-") == "Infinity":
+        return None, f"{name} is {value}, not an identifier", False
     if isinstance(value, (float, np.floating)):
         v = float(value)
         if not math.isfinite(v):
             return None, f"{name} is {v}, not an identifier", False
-        if abs(v) >= _FLOAT_EXACT:
-            return None, (f"{name} {v!r} is a floating-point number above 2^53, so the program that wrote the "
-                          "table may have rounded it (1344800117571260417 becomes ...416): write ids as text or "
-                          "integers"), False
-        return (str(int(v)) if v.is_integer() else repr(v)), None, False
+        # float64: every integer up to 2^53 is exact; float32 only up to 2^24 (float16: 2^11).
+        bits = np.finfo(value.dtype).nmant + 1 if isinstance(value, np.floating) else 53
+        if abs(v) >= 2 ** bits:
+            return None, (f"{name} {value!r} is a floating-point number above 2^{bits}, so the program that wrote "
+                          "the table may have rounded it (1344800117571260417 becomes ...416): write ids as text "
+                          "or integers"), False
+        return (str(int(v)) if v.is_integer() else str(value)), None, False
     if isinstance(value, (int, np.integer, decimal.Decimal)):
         return str(value), None, False
     text = str(value)
@@ -285,10 +401,11 @@ def parse_keywords(value: Any, separator: str = ";") -> list[str]:
 
 
 def _bad_utf8(value: Any) -> tuple[int, int] | None:
-    """(character position, byte value) of the first byte that was not valid UTF-8, or None."""
+    """(character position, code point) of the first lone surrogate (a byte that was not valid UTF-8 is
+    U+DC80..U+DCFF, see the module docstring), or None."""
     if isinstance(value, str):
-        m = _BAD_BYTE.search(value)
-        return None if m is None else (m.start(), ord(m.group(0)) - 0xDC00)
+        m = _SURROGATE.search(value)
+        return None if m is None else (m.start(), ord(m.group(0)))
     if isinstance(value, list):
         for item in value:
             found = _bad_utf8(item)
@@ -309,16 +426,21 @@ def read_metadata(path: str | Path, columns: Mapping[str, str] | None = None, ke
     if not path.exists():
         raise DinoflowError(f"{path}: metadata file not found (collection.metadata in params.yaml)")
     fmt = _format(path)
-    raw = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl}[fmt](path)
-    jsonl_errors = raw.pop("__jsonl_error") if "__jsonl_error" in raw.columns else None
-
     mapping = {name: name for name in REQUIRED + OPTIONAL}
     mapping.update(dict(columns or {}))
     unknown_keys = set(mapping) - set(REQUIRED + OPTIONAL)
     if unknown_keys:
         raise DinoflowError(f"collection.columns: unknown key(s) {sorted(unknown_keys)} "
                             f"(allowed: {', '.join(REQUIRED + OPTIONAL)})")
-    found = [str(c) for c in raw.columns]
+    if fmt == "csv":
+        raw = _read_csv(path, [mapping[name] for name in REQUIRED])
+    else:
+        raw = {"parquet": _read_parquet, "jsonl": _read_jsonl}[fmt](path)
+    jsonl_errors = raw.pop("__jsonl_error") if "__jsonl_error" in raw.columns else None
+    raw_bad_bytes = raw.attrs.get("raw_bad_bytes")
+    line_numbers = raw.attrs.get("line_numbers")
+    # Names with spaces around them are shown quoted: `id ` is not `id`.
+    found = [repr(str(c)) if str(c) != str(c).strip() else str(c) for c in raw.columns]
     for name in REQUIRED:
         if mapping[name] not in raw.columns:
             raise DinoflowError(f"{path}: no column {mapping[name]!r} for `{name}` (columns found: "
@@ -380,12 +502,19 @@ def read_metadata(path: str | Path, columns: Mapping[str, str] | None = None, ke
         if name == "keywords":
             suspects = values.map(lambda v: _bad_utf8(v) is not None)
         else:
-            suspects = values.str.contains(_BAD_BYTE, na=False)
+            suspects = values.str.contains(_SURROGATE, na=False)
         for i in np.flatnonzero(suspects.to_numpy(dtype=bool)):
             if errors[i] is None:
-                pos, byte = _bad_utf8(values.iat[i])
-                errors[i] = (f"invalid UTF-8 in column {mapping.get(name, name)!r}: byte 0x{byte:02x} at "
-                             f"character {pos} (re-encode the metadata file as UTF-8)")
+                pos, code = _bad_utf8(values.iat[i])
+                column_name = mapping.get(name, name)
+                if 0xDC80 <= code <= 0xDCFF and (raw_bad_bytes is None or raw_bad_bytes[i]):
+                    errors[i] = (f"invalid UTF-8 in column {column_name!r}: byte 0x{code - 0xDC00:02x} at "
+                                 f"character {pos} (re-encode the metadata file as UTF-8)")
+                else:
+                    where = f"line {line_numbers[i]}: " if line_numbers else ""
+                    errors[i] = (f"{where}column {column_name!r}: lone surrogate U+{code:04X} at character {pos}, "
+                                 "a \\u escape of half a UTF-16 pair (text cut in the middle of an emoji?): not "
+                                 "valid Unicode text, fix or remove that character")
                 statuses[i] = "invalid_utf8"
     for i, error in enumerate(id_errors):
         if error is not None and errors[i] is None:

@@ -292,7 +292,7 @@ def _open_rgb(path, draft_size, max_pixels) -> tuple[Image.Image, list[str], tup
             # the colours are not sRGB, but which space they are in is not stated. Say so; use them as they are.
             notes.append("colorspace-uncalibrated")
         im = opened
-        if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        if im.getexif().get(_EXIF_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):  # 0, 9, ...: not a valid value
             im = ImageOps.exif_transpose(im)
             notes.append("exif-rotated")
         im = to_srgb(im, icc, notes)

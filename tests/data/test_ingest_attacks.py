@@ -1,0 +1,257 @@
+"""Adversarial inputs a curator's real exports produce, found by attacking the data layer (issue 8, follow-up):
+Excel and pandas exports of the table, JSON quirks, Windows paths, PNG/JPEG variants Pillow cannot open, rows
+that name the same file. Each row still ends in the manifest with the right status and a note or detail that
+says what happened."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dinoflow import paths
+from dinoflow.data import ingest, preprocess
+from dinoflow.data.collection import read_metadata
+from dinoflow.data.preprocess import open_rgb
+from dinoflow.errors import DinoflowError
+
+from data_helpers import data_params, jpeg_bytes, png_bytes, smooth_rgb
+
+
+def save(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+PNG = save(Image.new("RGB", (8, 8), (200, 10, 10)), "PNG")
+
+
+def write_collection(root: Path, files: dict[str, bytes], meta_name: str, meta: bytes, **ingest_cfg) -> dict:
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        (images / name).write_bytes(data)
+    (root / meta_name).write_bytes(meta)
+    params = data_params({"name": "t", "images_dir": str(images), "metadata": str(root / meta_name),
+                          "columns": {"id": "id", "path": "path"}, "label_columns": [],
+                          "keyword_separator": ";"})
+    params["ingest"].update({"max_skipped_fraction": 1.0, **ingest_cfg})
+    return params
+
+
+def jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+
+
+def run(params: dict) -> tuple[pd.DataFrame, dict]:
+    summary = ingest.main(params)
+    return pq.read_table(paths.MANIFEST).to_pandas(), summary
+
+
+def _chunk(kind: bytes, data: bytes, crc: int | None = None) -> bytes:
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF if crc is None else crc
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+# ------------------------------------------------------------------------------------------- the table
+
+
+def test_lone_surrogate_escapes_in_json_are_a_row_status_not_a_crash(tmp_path, workspace):
+    """Text cut in the middle of an emoji ("\\ud83d" without its pair, as truncated tweets have) cannot be
+    written as UTF-8: it was a raw UnicodeEncodeError while writing the manifest. An escaped \\udc80 must not be
+    reported as a bad byte 0x80 either."""
+    meta = (b'{"id": "a", "path": "a.png", "caption": "sunset \\ud83d"}\n'
+            b'{"id": "b\\udc80", "path": "a.png"}\n'
+            b'{"id": "c", "path": "a.png", "caption": "ok \\ud83d\\ude00"}\n')
+    params = write_collection(tmp_path, {"a.png": PNG}, "m.jsonl", meta)
+    manifest, summary = run(params)
+    assert manifest["status"].tolist() == ["invalid_utf8", "invalid_utf8", "ok"]
+    assert "lone surrogate" in manifest["detail"][0] and "'caption'" in manifest["detail"][0]
+    assert "line 1" in manifest["detail"][0] and "U+D83D" in manifest["detail"][0]
+    assert "byte 0x80" not in manifest["detail"][1] and "'id'" in manifest["detail"][1]
+    assert manifest["caption"][2] == "ok \U0001F600"  # a proper pair is one character
+
+
+def test_jsonl_with_a_byte_order_mark_keeps_its_first_row(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"id": "a", "path": "a.png"}\r\n{"id": "b", "path": "b.png"}\r\n')
+    df = read_metadata(path)
+    assert df["id"].tolist() == ["a", "b"] and df["read_status"].isna().all()
+
+
+def test_duplicate_keys_in_a_json_line_are_not_resolved_silently(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'{"id": "a", "path": "a.png", "id": "b"}\n{"id": "c", "path": "c.png"}\n')
+    df = read_metadata(path)
+    assert df["read_status"].tolist() == ["unreadable_row", None]
+    assert "line 1" in df["read_error"][0] and "'id'" in df["read_error"][0] and "twice" in df["read_error"][0]
+
+
+@pytest.mark.parametrize("token", ["Infinity", "-Infinity"])
+def test_non_finite_json_ids_are_invalid(tmp_path, token):
+    path = tmp_path / "m.jsonl"
+    path.write_text(f'{{"id": {token}, "path": "a.png"}}\n{{"id": 12, "path": "b.png"}}\n', encoding="utf-8")
+    df = read_metadata(path)
+    assert df["read_status"].tolist() == ["invalid_id", None] and df["id"][1] == "12"
+    assert token in df["read_error"][0]
+
+
+def test_float32_ids_above_2_to_24_are_refused(tmp_path):
+    """A float32 column is exact only below 2^24: 16777217 was already stored as 16777216."""
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": pa.array([16777217.0, 12.0, 2.5], pa.float32()),
+                             "path": ["a.png", "b.png", "c.png"]}), path)
+    df = read_metadata(path)
+    assert df["read_status"].tolist() == ["invalid_id", None, None]
+    assert df["id"].tolist()[1:] == ["12", "2.5"]
+    assert "2^24" in df["read_error"][0]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_unicode_text_export_with_a_bom_is_read(tmp_path, encoding):
+    """Excel's "Unicode Text" export: UTF-16 with a byte-order mark, tab-separated, CRLF. It was a raw
+    UnicodeEncodeError."""
+    text = "id\tpath\tcaption\r\n007\tcafé.png\tქართული\r\n"
+    bom = {"utf-16": b"", "utf-16-be": b"\xfe\xff", "utf-32": b""}[encoding]
+    path = tmp_path / "m.txt"
+    path.write_bytes(bom + text.encode(encoding))
+    df = read_metadata(path)
+    assert df["id"].tolist() == ["007"] and df["path"].tolist() == ["café.png"]
+    assert df["caption"].tolist() == ["ქართული"]
+
+
+@pytest.mark.parametrize("data", [
+    b"\xef\xbb\xbfid;path;caption\r\n007;a.png;\"he said \"\"hi\"\"; twice\"\r\n1e5;b.png;x\r\n",  # Excel (EU locale)
+    b"sep=;\r\nid;path;caption\r\n007;a.png;\"he said \"\"hi\"\"; twice\"\r\n1e5;b.png;x\r\n",  # Excel's sep= line
+    b"id\tpath\tcaption\n007\ta.png\the said \"hi\"; twice\n1e5\tb.png\tx\n",  # tab-separated in a .csv
+])
+def test_excel_csv_separators_are_detected(tmp_path, data, caplog):
+    path = tmp_path / "m.csv"
+    path.write_bytes(data)
+    df = read_metadata(path)
+    assert df["id"].tolist() == ["007", "1e5"] and df["path"].tolist() == ["a.png", "b.png"]
+    assert df["caption"][0] == 'he said "hi"; twice'
+    assert "separat" in caplog.text
+
+
+def test_a_one_column_header_names_the_problem(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"id|path\n1|a.png\n")
+    with pytest.raises(DinoflowError, match="only one column"):
+        read_metadata(path)
+
+
+def test_duplicate_column_names_in_csv_are_an_error(tmp_path):
+    """pandas renames the second `id` to `id.1` and the table would silently use the first."""
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"id,path,id\n1,a.png,2\n")
+    with pytest.raises(DinoflowError, match=r"'id'.*more than once"):
+        read_metadata(path)
+
+
+def test_header_names_with_spaces_are_shown_quoted(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"id ,path\n1,a.png\n")
+    with pytest.raises(DinoflowError, match=r"'id '"):
+        read_metadata(path)
+
+
+def test_unknown_columns_holding_lists_and_objects_are_kept_as_json(tmp_path, workspace):
+    rows = [{"id": "a", "path": "a.png", "tags": [1, "x"], "obj": {"k": "v"}},
+            {"id": "b", "path": "a.png", "tags": None, "obj": None}]
+    params = write_collection(tmp_path, {"a.png": PNG}, "m.jsonl", jsonl(rows), allow_unknown_columns=True)
+    run(params)
+    table = pq.read_table(paths.MANIFEST)
+    assert table.column("tags").to_pylist() == ['[1, "x"]', None]  # numbers as written
+    assert json.loads(table.column("obj")[0].as_py()) == {"k": "v"} and table.column("obj")[1].as_py() is None
+
+
+# ------------------------------------------------------------------------------------------- paths
+
+
+def test_windows_backslash_paths_are_matched_and_noted(tmp_path, workspace):
+    rows = [{"id": "a", "path": "sub\\a.png"}, {"id": "b", "path": "sub/a.png"}, {"id": "c", "path": "sub\\zz.png"}]
+    params = write_collection(tmp_path, {"sub/a.png": PNG}, "m.jsonl", jsonl(rows))
+    manifest, summary = run(params)
+    assert manifest["status"].tolist() == ["ok", "ok", "missing_file"]
+    assert manifest["file"][0] == "sub/a.png" and manifest["path"][0] == "sub\\a.png"
+    assert "path-backslashes" in manifest["note"][0] and manifest["note"][1].startswith("duplicate-file:")
+    assert "sub\\\\zz.png" in manifest["detail"][2] or "sub\\zz.png" in manifest["detail"][2]
+    preprocess.main(params)
+    assert pq.read_table(paths.PROCESSED_INDEX).column("id").to_pylist() == ["a", "b"]
+
+
+def test_a_file_named_with_a_backslash_on_disk_is_used_as_written(tmp_path, workspace):
+    rows = [{"id": "a", "path": "x\\y.png"}]
+    params = write_collection(tmp_path, {"x\\y.png": PNG, "x/y.png": PNG}, "m.jsonl", jsonl(rows))
+    manifest, _ = run(params)
+    assert manifest["status"].tolist() == ["ok"] and manifest["file"][0] == "x\\y.png" and manifest["note"][0] == ""
+
+
+def test_rows_naming_the_same_file_are_noted(tmp_path, workspace):
+    """Two records of one image are two rows (both ok), but the later one says which row has the same file:
+    otherwise retrieval metrics count a trivial exact duplicate as a found neighbour."""
+    rows = [{"id": "a", "path": "a.png"}, {"id": "b", "path": "b.png"}, {"id": "c", "path": "./a.png"},
+            {"id": "d", "path": "sub/../a.png"}, {"id": "e", "path": "a.png"}]
+    params = write_collection(tmp_path, {"a.png": PNG, "b.png": PNG, "sub/x.png": PNG}, "m.jsonl", jsonl(rows))
+    manifest, summary = run(params)
+    assert manifest["status"].tolist() == ["ok"] * 5
+    assert manifest["note"].tolist() == ["", "", "duplicate-file:row 0", "duplicate-file:row 0",
+                                         "duplicate-file:row 0"]
+    assert summary["notes"]["duplicate-file"] == 3
+
+
+def test_invisible_characters_in_a_path_are_named(tmp_path, workspace):
+    rows = [{"id": "a", "path": "a\u200b.png"}]
+    params = write_collection(tmp_path, {"a.png": PNG}, "m.jsonl", jsonl(rows))
+    manifest, _ = run(params)
+    assert manifest["status"].tolist() == ["missing_file"]
+    assert "'a.png'" in manifest["detail"][0] and "U+200B" in manifest["detail"][0]
+
+
+# ------------------------------------------------------------------------------------------- images
+
+
+def test_png_with_a_bad_crc_in_an_ancillary_chunk_is_corrupt_not_an_unknown_format(tmp_path, workspace):
+    good = png_bytes(Image.fromarray(smooth_rgb(16, 16)))
+    text = _chunk(b"tEXt", b"Comment\0hello", crc=0)
+    files = {"text_crc.png": good[:33] + text + good[33:]}
+    rows = [{"id": "a", "path": "text_crc.png"}]
+    manifest, _ = run(write_collection(tmp_path, files, "m.jsonl", jsonl(rows)))
+    assert manifest["status"].tolist() == ["corrupt_image"]
+    assert "tEXt" in manifest["detail"][0] and "CRC" in manifest["detail"][0]
+
+
+def test_image_formats_pillow_cannot_decode_are_named(tmp_path, workspace):
+    """A 12-bit JPEG is a damaged/unsupported JPEG, not "not an image"; an iPhone HEIC says what it is."""
+    j = jpeg_bytes(smooth_rgb(16, 16))
+    sof = j.index(b"\xff\xc0")
+    files = {"j12.jpg": j[:sof + 4] + bytes([12]) + j[sof + 5:],
+             "photo.jpg": b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64,
+             "page.jpg": b"<!DOCTYPE html><html>404</html>"}
+    rows = [{"id": k, "path": k} for k in files]
+    manifest, _ = run(write_collection(tmp_path, files, "m.jsonl", jsonl(rows)))
+    assert manifest["status"].tolist() == ["corrupt_image", "not_an_image", "not_an_image"]
+    assert "JPEG" in manifest["detail"][0]
+    assert "HEIF" in manifest["detail"][1]
+    assert "HTML" in manifest["detail"][2]
+
+
+@pytest.mark.parametrize("orientation", [0, 9])
+def test_invalid_exif_orientation_is_not_claimed_as_a_rotation(tmp_path, orientation):
+    arr = smooth_rgb(16, 12)
+    path = tmp_path / "a.jpg"
+    path.write_bytes(jpeg_bytes(arr, exif_orientation=orientation))
+    im, notes, size = open_rgb(path)
+    assert "exif-rotated" not in notes and im.size == (16, 12) and size == (16, 12)

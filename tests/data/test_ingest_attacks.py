@@ -90,6 +90,34 @@ def test_jsonl_with_a_byte_order_mark_keeps_its_first_row(tmp_path):
     assert df["id"].tolist() == ["a", "b"] and df["read_status"].isna().all()
 
 
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_json_array_export_is_read_as_rows(tmp_path, indent):
+    """A `.json` export is often an array of objects, pretty-printed: each line used to become a broken row."""
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps([{"id": 1344800117571260417, "path": "a.png", "caption": "café"},
+                                {"id": "007", "path": "b.png"}, ["not", "an", "object"]], indent=indent,
+                               ensure_ascii=False), encoding="utf-8")
+    df = read_metadata(path)
+    assert df["id"].tolist() == ["1344800117571260417", "007", None]
+    assert df["caption"].tolist() == ["café", None, None]
+    assert df["read_status"].tolist() == [None, None, "unreadable_row"] and "element 2" in df["read_error"][2]
+
+
+def test_a_broken_json_array_names_the_file_and_position(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text('[{"id": "a", "path": "a.png"},\n {"id": "b", "path": }]', encoding="utf-8")
+    with pytest.raises(DinoflowError, match=r"m\.json.*line 2 column"):
+        read_metadata(path)
+
+
+def test_gzipped_json_lines_are_read(tmp_path):
+    import gzip
+
+    path = tmp_path / "m.jsonl.gz"
+    path.write_bytes(gzip.compress(jsonl([{"id": "007", "path": "a.png"}])))
+    assert read_metadata(path)["id"].tolist() == ["007"]
+
+
 def test_duplicate_keys_in_a_json_line_are_not_resolved_silently(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_bytes(b'{"id": "a", "path": "a.png", "id": "b"}\n{"id": "c", "path": "c.png"}\n')
@@ -175,6 +203,20 @@ def test_unknown_columns_holding_lists_and_objects_are_kept_as_json(tmp_path, wo
     table = pq.read_table(paths.MANIFEST)
     assert table.column("tags").to_pylist() == ['[1, "x"]', None]  # numbers as written
     assert json.loads(table.column("obj")[0].as_py()) == {"k": "v"} and table.column("obj")[1].as_py() is None
+
+
+@pytest.mark.parametrize("cell, expected, note", [
+    ([["red", "circle"], ["sun"]], ["red", "circle", "sun"], "keywords-nested-list"),
+    (["a", {"k": "v"}], ["a", '{"k": "v"}'], "keywords-nested-list"),
+    ([True, 2.5, None, "x"], ["true", "2.5", "x"], None),
+    ({"k": "v"}, ['{"k": "v"}'], "keywords-unparsed-list"),
+])
+def test_keyword_cells_holding_json_structures_are_never_python_reprs(tmp_path, cell, expected, note):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(jsonl([{"id": "a", "path": "a.png", "keywords": cell}]))
+    df = read_metadata(path)
+    assert df["keywords"][0] == expected
+    assert df["read_note"][0] == (note or "")
 
 
 # ------------------------------------------------------------------------------------------- paths

@@ -196,35 +196,58 @@ def json_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
+def _json_loads(text: str) -> Any:
+    return json.loads(text, parse_int=JsonNumber, parse_float=JsonNumber, parse_constant=_json_constant,
+                      object_pairs_hook=_json_object)
+
+
 def _read_jsonl(path: Path) -> pd.DataFrame:
+    """JSON Lines (one object per line; blank lines skipped), or a JSON array of objects (a `.json` export whose
+    first character is `[`, pretty-printed or not): one row per line / element."""
     records: list[dict[str, Any]] = []
     errors: list[str | None] = []
     raw_bad: list[bool] = []  # the line itself had bytes that are not UTF-8 (vs. \u escapes of surrogates)
-    line_numbers: list[int] = []
-    with open(path, encoding=_encoding(path), errors="surrogateescape", newline="\n") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    labels: list[str] = []  # where each row is in the file: "line 3", "element 2"
+    with _open_binary(path) as fh:
+        text = io.TextIOWrapper(fh, encoding=_encoding(path), errors="surrogateescape", newline="\n").read()
+
+    def add(value: Any, label: str, error: str | None = None, bad: bool = False) -> None:
+        if error is None and not isinstance(value, dict):
+            error = f"expected a JSON object, got {type(value).__name__}"
+        records.append(value if error is None else {})
+        errors.append(None if error is None else f"{label}: not a JSON object ({error})")
+        raw_bad.append(bad)
+        labels.append(label)
+
+    if text.lstrip().startswith("["):
+        try:
+            array = _json_loads(text)
+        except ValueError as exc:
+            raise DinoflowError(f"{path}: the file starts with '[' but is not a JSON array: {exc} (write one JSON "
+                                "object per line, or a valid array of objects)") from exc
+        if not isinstance(array, list):
+            raise DinoflowError(f"{path}: expected a JSON array of objects, got {type(array).__name__}")
+        bad = _BAD_BYTE.search(text) is not None
+        for k, value in enumerate(array):
+            add(value, f"element {k}", bad=bad)
+    else:
+        for lineno, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
-            raw_bad.append(_BAD_BYTE.search(line) is not None)
-            line_numbers.append(lineno)
             try:
-                rec = json.loads(line, parse_int=JsonNumber, parse_float=JsonNumber, parse_constant=_json_constant,
-                                 object_pairs_hook=_json_object)
-                if not isinstance(rec, dict):
-                    raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-                records.append(rec)
-                errors.append(None)
+                value = _json_loads(line)
             except ValueError as exc:
                 # One broken line must not sink a million good ones: it becomes a row with an error.
-                records.append({})
-                errors.append(f"line {lineno}: not a JSON object ({exc})")
+                add(None, f"line {lineno}", error=str(exc))
+            else:
+                add(value, f"line {lineno}", bad=_BAD_BYTE.search(line) is not None)
     # Column by column as object: DataFrame.from_records would infer dtypes (ints with a null → float64).
     names = list(dict.fromkeys(key for rec in records for key in rec))
     df = pd.DataFrame({name: pd.Series([rec.get(name) for rec in records], dtype=object) for name in names},
                       index=pd.RangeIndex(len(records)))
     df["__jsonl_error"] = pd.Series(errors, dtype=object)
     df.attrs["raw_bad_bytes"] = raw_bad
-    df.attrs["line_numbers"] = line_numbers
+    df.attrs["row_labels"] = labels
     return df
 
 
@@ -368,15 +391,19 @@ def keyword_cell(value: Any, separator: str = ";") -> tuple[list[str], str | Non
     """A keywords cell → (keywords, note or None). See the module docstring for the rules.
 
     note: `keywords-list-literal` when a serialised list was recognised; `keywords-unparsed-list` when the cell
-    looks like one ([...], (...), {...}) but is not (then it is split on `separator` like any text).
+    looks like one ([...], (...), {...}) but is not (then it is split on `separator` like any text);
+    `keywords-nested-list` when a list (JSON array, Parquet list) holds lists or objects: nested lists are
+    flattened, objects kept as their JSON text (never as a Python repr such as "['x']").
     """
     if _is_missing(value):
         return [], None
     note = None
     if isinstance(value, (list, tuple, np.ndarray)):
-        items: Iterable[Any] = value
+        items: Iterable[Any] = _flatten(value)
+        if any(isinstance(v, (list, tuple, np.ndarray, dict)) for v in value):
+            note = "keywords-nested-list"
     else:
-        text = str(value).strip()
+        text = json_text(value) if isinstance(value, dict) else str(value).strip()
         parsed = _list_literal(text) if _looks_like_list(text) else None
         if parsed is not None:
             items, note = parsed, "keywords-list-literal"
@@ -388,10 +415,18 @@ def keyword_cell(value: Any, separator: str = ";") -> tuple[list[str], str | Non
     for item in items:
         if _is_missing(item):
             continue
-        item_text = str(item).strip()
+        item_text = (json_text(item) if isinstance(item, (bool, np.bool_, dict)) else str(item)).strip()
         if item_text:
             out.append(item_text)
     return out, note
+
+
+def _flatten(items: Iterable[Any]) -> Iterable[Any]:
+    for item in items:
+        if isinstance(item, (list, tuple, np.ndarray)):
+            yield from _flatten(item)
+        else:
+            yield item
 
 
 def parse_keywords(value: Any, separator: str = ";") -> list[str]:
@@ -438,7 +473,7 @@ def read_metadata(path: str | Path, columns: Mapping[str, str] | None = None, ke
         raw = {"parquet": _read_parquet, "jsonl": _read_jsonl}[fmt](path)
     jsonl_errors = raw.pop("__jsonl_error") if "__jsonl_error" in raw.columns else None
     raw_bad_bytes = raw.attrs.get("raw_bad_bytes")
-    line_numbers = raw.attrs.get("line_numbers")
+    row_labels = raw.attrs.get("row_labels")
     # Names with spaces around them are shown quoted: `id ` is not `id`.
     found = [repr(str(c)) if str(c) != str(c).strip() else str(c) for c in raw.columns]
     for name in REQUIRED:
@@ -511,7 +546,7 @@ def read_metadata(path: str | Path, columns: Mapping[str, str] | None = None, ke
                     errors[i] = (f"invalid UTF-8 in column {column_name!r}: byte 0x{code - 0xDC00:02x} at "
                                  f"character {pos} (re-encode the metadata file as UTF-8)")
                 else:
-                    where = f"line {line_numbers[i]}: " if line_numbers else ""
+                    where = f"{row_labels[i]}: " if row_labels else ""
                     errors[i] = (f"{where}column {column_name!r}: lone surrogate U+{code:04X} at character {pos}, "
                                  "a \\u escape of half a UTF-16 pair (text cut in the middle of an emoji?): not "
                                  "valid Unicode text, fix or remove that character")

@@ -104,6 +104,7 @@ NOTES = {  # `note` entries of ok rows: `code` or `code:detail`; the summary cou
     "id-whitespace-stripped": "spaces around the id were removed",
     "path-whitespace-stripped": "spaces around the path were removed",
     "keywords-list-literal": "the keywords cell was a serialised list (JSON, Python or NumPy repr), read as a list",
+    "keywords-nested-list": "the keywords list held lists (flattened) or objects (kept as JSON text)",
     "keywords-unparsed-list": "the keywords cell looks like a serialised list but could not be parsed; it was "
                               "split on collection.keyword_separator instead",
 }

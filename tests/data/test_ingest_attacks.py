@@ -297,3 +297,32 @@ def test_invalid_exif_orientation_is_not_claimed_as_a_rotation(tmp_path, orienta
     path.write_bytes(jpeg_bytes(arr, exif_orientation=orientation))
     im, notes, size = open_rgb(path)
     assert "exif-rotated" not in notes and im.size == (16, 12) and size == (16, 12)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "I;16"])
+def test_a_transparent_colour_key_is_composited_on_white_like_alpha(tmp_path, mode):
+    """PNG tRNS on a grey or RGB image (no alpha channel): the keyed pixels were left black, silently, while
+    every other transparent pixel becomes white."""
+    arr = np.zeros((4, 4, 3), np.uint8)
+    arr[0, 0] = (255, 0, 0) if mode == "RGB" else (200, 200, 200)
+    im = Image.fromarray(arr) if mode == "RGB" else Image.fromarray(arr[..., 0])
+    if mode == "I;16":
+        im = Image.fromarray(arr[..., 0].astype(np.uint16) * 257)
+    path = tmp_path / "key.png"
+    im.save(path, "PNG", transparency=(0, 0, 0) if mode == "RGB" else 0)
+    out, notes, _ = open_rgb(path)
+    px = np.asarray(out)
+    assert px[1, 1].tolist() == [255, 255, 255] and "alpha->white" in notes
+    assert px[0, 0].tolist() == ([255, 0, 0] if mode == "RGB" else [200, 200, 200])
+
+
+def test_ids_that_differ_only_in_unicode_normalisation_are_duplicates(tmp_path, workspace):
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    rows = [{"id": nfc, "path": "a.png"}, {"id": nfd, "path": "b.png"}, {"id": "Café", "path": "b.png"}]
+    params = write_collection(tmp_path, {"a.png": PNG, "b.png": PNG}, "m.jsonl", jsonl(rows))
+    manifest, _ = run(params)
+    assert manifest["status"].tolist() == ["ok", "duplicate_id", "ok"]  # letter case is a different id
+    assert manifest["id"][1] == nfd  # kept as written
+    assert "row 0" in manifest["detail"][1] and "NFC/NFD" in manifest["detail"][1]

@@ -9,7 +9,9 @@ curators' guide to every status and note. A missing caption or keywords is norma
 
 Decisions worth knowing:
 - Duplicate ids: the first row (in input order) with an id keeps it, whatever its own status; later rows get
-  `duplicate_id` and their image is not opened.
+  `duplicate_id` and their image is not opened. Ids differing only in Unicode normalisation (NFC/NFD) are
+  duplicates. Rows naming the same file (after resolution: `./a.png`, hard links) all stay `ok`; later ones
+  are noted `duplicate-file:row N`.
 - Ids are text exactly as written (leading zeros, 19-digit numbers: `collection.read_metadata` never lets them
   through a float); surrounding whitespace is removed and noted. An id that is not a scalar, or a floating-point
   number too large to be exact (the table's writer may already have rounded it), is `invalid_id`.
@@ -93,7 +95,7 @@ NOTES = {  # `note` entries of ok rows: `code` or `code:detail`; the summary cou
     "16bit->8bit": "16-bit samples reduced to 8 bits",
     "float->8bit": "floating-point samples clipped to 0..255",
     "palette->rgb": "a palette image expanded to RGB",
-    "alpha->white": "transparent pixels composited on white",
+    "alpha->white": "transparent pixels (alpha channel or a PNG's transparent colour key) composited on white",
     "gray->rgb": "a grey image copied to the three channels",
     "path-backslashes": "the path uses Windows separators (`sub\\a.png`) and was read as `sub/a.png`; `file` has "
                         "the name used",
@@ -518,17 +520,23 @@ def validate_rows(df: pd.DataFrame, images_dir: str, max_pixels: int, workers: i
 
     ids = df["id"].to_numpy(dtype=object)
     mark(pd.isna(ids), "missing_id", np.array([f"row {r}: the id is empty" for r in rows], dtype=object))
-    # The first row with an id keeps it, whatever its own status (documented above). Ids compare as exact text.
-    id_series = pd.Series(ids, dtype=object)
+    # The first row with an id keeps it, whatever its own status (documented above). Ids compare as exact text,
+    # up to Unicode normalisation: "café" typed on a Mac (NFD) and elsewhere (NFC) look identical in every output.
+    id_series = pd.Series([_nfc(v) if isinstance(v, str) else v for v in ids], dtype=object)
     dup = id_series.duplicated(keep="first").to_numpy() & pd.notna(ids)
     if dup.any():
         first = ~dup & pd.notna(ids)
         first_row = dict(zip(id_series[first], rows[first]))
+        first_id = dict(zip(id_series[first], ids[first]))
 
         def dup_text(v: str) -> str:
+            key = _nfc(v)
             hint = (" (it looks like a number a spreadsheet rewrote in scientific notation, which merges distinct "
                     "ids: export ids as text)") if _SCIENTIFIC.match(v) else ""
-            return f"id {v!r} already used by row {first_row[v]}{hint}"
+            if first_id[key] != v:
+                hint = (f" (written {ascii(first_id[key])} there and {ascii(v)} here: the same text in another Unicode "
+                        "normalisation, NFC/NFD)")
+            return f"id {v!r} already used by row {first_row[key]}{hint}"
 
         mark(dup, "duplicate_id", np.array([dup_text(v) if d else "" for v, d in zip(ids, dup)], dtype=object))
 

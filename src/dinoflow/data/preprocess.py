@@ -145,6 +145,28 @@ def to_rgb(im: Image.Image, notes: list[str] | None = None) -> Image.Image:
     return im.convert("RGB")
 
 
+def colour_key_to_alpha(im: Image.Image, notes: list[str] | None = None) -> Image.Image:
+    """A grey or RGB image with a transparent colour key (PNG `tRNS` without an alpha channel: Pillow keeps the
+    mode and puts the key in `info["transparency"]`) → "LA" / "RGBA" with those pixels transparent, so that they
+    are composited on white like every other transparent pixel (`to_rgb`), not left as the key colour (often
+    black). Images without a key, or whose key matches no pixel, are returned unchanged."""
+    notes = [] if notes is None else notes
+    key = im.info.get("transparency")
+    if key is None or isinstance(key, bytes) or im.mode not in ("RGB", "L", "1", "I", "I;16", "I;16B", "I;16L"):
+        return im
+    arr = np.asarray(im)
+    mask = np.all(arr == np.asarray(key), axis=-1) if arr.ndim == 3 else arr == key
+    if not mask.any():
+        return im
+    if im.mode.startswith("I"):
+        im = _grey_to_8bit(im, notes)
+    elif im.mode == "1":
+        im = im.convert("L")
+    out = im.convert("RGBA" if im.mode == "RGB" else "LA")
+    out.putalpha(Image.fromarray(np.where(mask, 0, 255).astype(np.uint8), "L"))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Colour management
 
@@ -295,6 +317,7 @@ def _open_rgb(path, draft_size, max_pixels) -> tuple[Image.Image, list[str], tup
         if im.getexif().get(_EXIF_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):  # 0, 9, ...: not a valid value
             im = ImageOps.exif_transpose(im)
             notes.append("exif-rotated")
+        im = colour_key_to_alpha(im, notes)
         im = to_srgb(im, icc, notes)
         out = to_rgb(im, notes)
         if out is not opened:

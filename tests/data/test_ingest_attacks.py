@@ -326,3 +326,13 @@ def test_ids_that_differ_only_in_unicode_normalisation_are_duplicates(tmp_path, 
     assert manifest["status"].tolist() == ["ok", "duplicate_id", "ok"]  # letter case is a different id
     assert manifest["id"][1] == nfd  # kept as written
     assert "row 0" in manifest["detail"][1] and "NFC/NFD" in manifest["detail"][1]
+
+
+def test_missing_values_written_as_text_are_kept_but_reported(tmp_path, caplog):
+    """`df.astype(str).to_csv` writes "nan" for every missing caption: kept (it may be meant), but logged."""
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"id,path,caption,keywords\n1,a.png,nan,None\n2,b.png,a cat,['x']\n3,c.png,NaN,\"['nan']\"\n")
+    df = read_metadata(path)
+    assert df["caption"].tolist() == ["nan", "a cat", "NaN"] and df["keywords"].tolist() == [["None"], ["x"], ["nan"]]
+    assert "2 cell(s) of column 'caption'" in caplog.text and "rows 0, 2" in caplog.text
+    assert "2 cell(s) of column 'keywords'" in caplog.text

@@ -449,6 +449,26 @@ def _bad_utf8(value: Any) -> tuple[int, int] | None:
     return None
 
 
+# What pandas (`astype(str)`, `str(None)`), databases and spreadsheets write for a missing value.
+MISSING_AS_TEXT = frozenset({"nan", "NaN", "None", "null", "NULL", "<NA>", "NaT", "#N/A"})
+
+
+def _warn_missing_as_text(path: Path, column: str, values: pd.Series) -> None:
+    """Log the rows whose cell (or a keyword) is the text of a missing value ("nan", "None", ...): kept as
+    text, since it may be meant ("NaN" as a word), but a caption "nan" on every unlabelled row would make the
+    captions look alike to the text model."""
+    rows = [i for i, v in enumerate(values)
+            if (v in MISSING_AS_TEXT if isinstance(v, str) else
+                isinstance(v, list) and any(k in MISSING_AS_TEXT for k in v))]
+    if rows:
+        log.warning("%s: %d cell(s) of column %r are the text of a missing value (%s; rows %s%s): kept as text. "
+                    "A missing value written by pandas astype(str) or a database export? Leave such cells empty",
+                    path, len(rows), column, ", ".join(sorted({repr(v) for i in rows[:50] for v in
+                                                              (values.iat[i] if isinstance(values.iat[i], list)
+                                                               else [values.iat[i]]) if v in MISSING_AS_TEXT})),
+                    ", ".join(map(str, rows[:10])), ", ..." if len(rows) > 10 else "")
+
+
 def read_metadata(path: str | Path, columns: Mapping[str, str] | None = None, keyword_separator: str = ";",
                   label_columns: Iterable[str] = ()) -> pd.DataFrame:
     """Read the metadata table at `path` and rename its columns to dinoflow's (see the module docstring).
@@ -520,6 +540,8 @@ def read_metadata(path: str | Path, columns: Mapping[str, str] | None = None, ke
                     ", ..." if len(unparsed) > 10 else "")
     for label in label_columns:
         df[label] = pd.Series([_as_text(v) for v in raw[label]], dtype=object)
+    for name in ["caption", "keywords", *label_columns]:
+        _warn_missing_as_text(path, mapping.get(name, name), df[name])
 
     used = {mapping[name] for name in REQUIRED + OPTIONAL} | set(label_columns)
     unknown = [c for c in raw.columns if c not in used]

@@ -173,6 +173,26 @@ def test_excel_csv_separators_are_detected(tmp_path, data, caplog):
     assert "separat" in caplog.text
 
 
+@pytest.mark.parametrize("data, line", [
+    (b"id,path,caption\n1,a.png,red, blue\n2,b.png,green\n", 2),  # first row: pandas took it as an index column
+    (b"id,path\n1,a.png\n2,b.png,extra\n", 3),
+])
+def test_a_row_with_more_fields_than_the_header_is_an_error_not_a_shift(tmp_path, data, line):
+    """An unquoted comma in the first row's caption made pandas use the first column as the index: every id
+    became a path, silently."""
+    path = tmp_path / "m.csv"
+    path.write_bytes(data)
+    with pytest.raises(DinoflowError, match=rf"m\.csv.*line {line}"):
+        read_metadata(path)
+
+
+def test_a_trailing_separator_loses_nothing_and_is_accepted(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"id,path\n1,a.png,\n2,b.png,\n")
+    df = read_metadata(path)
+    assert df["id"].tolist() == ["1", "2"] and df["path"].tolist() == ["a.png", "b.png"]
+
+
 def test_a_one_column_header_names_the_problem(tmp_path):
     path = tmp_path / "m.csv"
     path.write_bytes(b"id|path\n1|a.png\n")

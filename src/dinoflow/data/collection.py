@@ -43,6 +43,7 @@ import os
 import re
 import time
 import tokenize
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -151,14 +152,41 @@ def _read_csv(path: Path, wanted: Iterable[str] = ()) -> pd.DataFrame:
     try:
         # dtype=object keeps ids such as "00123" as text and lets surrogates through (pandas' Arrow-backed
         # strings would reject them); only empty cells are missing, so a caption "NA" stays "NA".
-        return pd.read_csv(path, sep=sep, dtype=object, encoding=encoding, encoding_errors="surrogateescape",
-                           keep_default_na=False, na_values=[""], skiprows=skip)
+        # index_col=False: when the first data row has one field more than the header (an unquoted comma in a
+        # caption), pandas would otherwise take the first column as the index and shift every column of every
+        # row by one, silently (ids become paths). With it, pandas drops the extra fields with a ParserWarning,
+        # which we turn into an error naming the line (`_check_extra_fields`).
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            df = pd.read_csv(path, sep=sep, dtype=object, encoding=encoding, encoding_errors="surrogateescape",
+                             keep_default_na=False, na_values=[""], skiprows=skip, index_col=False)
+        if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
+            _check_extra_fields(path, encoding, sep, skip, len(names))
+        return df
     except pd.errors.EmptyDataError as exc:
         raise DinoflowError(f"{path}: metadata file is empty (expected a header row with at least id, path)") \
             from exc
     except pd.errors.ParserError as exc:
         # pandas names the line ("Expected 3 fields in line 7, saw 4"); keep it in our message.
         raise DinoflowError(f"{path}: cannot parse CSV: {exc}") from exc
+
+
+def _check_extra_fields(path: Path, encoding: str, sep: str, skip: int, n_columns: int) -> None:
+    """Raise for the first row with more fields than the header, unless the extra fields are empty (a trailing
+    separator, which loses nothing)."""
+    import csv
+
+    with _open_binary(path) as fh:
+        text = io.TextIOWrapper(fh, encoding=encoding, errors="surrogateescape", newline="")
+        for _ in range(skip):
+            text.readline()
+        reader = csv.reader(text, delimiter=sep)
+        next(reader, None)
+        for fields in reader:
+            if len(fields) > n_columns and any(f.strip() for f in fields[n_columns:]):
+                raise DinoflowError(
+                    f"{path}: line {reader.line_num + skip} has {len(fields)} fields but the header has {n_columns}: "
+                    f"an unquoted {sep!r} inside a cell? Quote that cell (extra: {fields[n_columns:][:3]!r})")
 
 
 class JsonNumber(str):

@@ -261,6 +261,17 @@ def test_a_file_named_with_a_backslash_on_disk_is_used_as_written(tmp_path, work
     assert manifest["status"].tolist() == ["ok"] and manifest["file"][0] == "x\\y.png" and manifest["note"][0] == ""
 
 
+def test_urls_and_percent_encoded_names_are_explained(tmp_path, workspace):
+    rows = [{"id": "a", "path": "https://example.org/img/a.png"}, {"id": "b", "path": "file:///data/a.png"},
+            {"id": "c", "path": "my%20caf%C3%A9.png"}]
+    params = write_collection(tmp_path, {"my café.png": PNG}, "m.jsonl", jsonl(rows))
+    manifest, summary = run(params)
+    assert manifest["status"].tolist() == ["path_outside_images_dir", "path_outside_images_dir", "missing_file"]
+    assert "is a URL" in manifest["detail"][0] and "is a URL" in manifest["detail"][1]
+    assert "'my café.png'" in manifest["detail"][2] and "percent-encoded" in manifest["detail"][2]
+    assert summary["missing_file_with_near_match"] == 1
+
+
 def test_rows_naming_the_same_file_are_noted(tmp_path, workspace):
     """Two records of one image are two rows (both ok), but the later one says which row has the same file:
     otherwise retrieval metrics count a trivial exact duplicate as a found neighbour."""

@@ -47,6 +47,7 @@ import re
 import sys
 import tempfile
 import unicodedata
+import urllib.parse
 import warnings
 import zlib
 from collections import Counter
@@ -73,7 +74,7 @@ REASONS = {
     "invalid_id": "the id is not an identifier (a list or object, or a float too large to be exact)",
     "duplicate_id": "an earlier row already has this id",
     "missing_path": "the path is empty",
-    "path_outside_images_dir": "the path leaves the image folder (absolute, '..' or a symlink out)",
+    "path_outside_images_dir": "the path leaves the image folder (absolute, '..', a symlink out, or a URL)",
     "missing_file": "no file at the path",
     "not_a_file": "the path is a directory or another non-regular file",
     "empty_file": "the file has zero bytes",
@@ -114,8 +115,14 @@ MANIFEST_COLUMNS = ("row", "id", "path", "caption", "keywords", "status", "detai
                     "file")
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def _check_path(rel: str) -> str | None:
     """Reason the relative path is unacceptable before touching the disk, or None."""
+    if _URL.match(rel):
+        return (f"{rel[:80]!r} is a URL, not a path relative to collection.images_dir (download the images into "
+                "that folder and give their relative paths)")
     if os.path.isabs(rel) or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
         return "absolute path (paths must be relative to collection.images_dir)"
     norm = posixpath.normpath(rel.replace("\\", "/"))
@@ -216,6 +223,8 @@ class FileNames:
                 extra = sorted(set(hidden) ^ set(_invisible(name)))
                 why = ("differs by invisible character(s) "
                        + ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, '')}".strip() for c in extra))
+            elif "%" in part and _nfc(urllib.parse.unquote(part)) == _nfc(name):
+                why = "the table's name is percent-encoded, as in a URL (%20 for a space)"
             elif _loose(name) == loose:
                 why = "differs in spaces or Unicode compatibility form (e.g. full-width letters, ligatures)"
             elif _loose(os.path.splitext(name)[0]) == _loose(stem) and ext:

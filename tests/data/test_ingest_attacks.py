@@ -306,6 +306,27 @@ def test_png_with_a_bad_crc_in_an_ancillary_chunk_is_corrupt_not_an_unknown_form
     assert "tEXt" in manifest["detail"][0] and "CRC" in manifest["detail"][0]
 
 
+@pytest.fixture(params=["simplejpeg", "torchvision"])
+def jpeg_backend(request, monkeypatch):
+    """Both strict JPEG paths (as in test_ingest_archives)."""
+    if request.param == "simplejpeg":
+        pytest.importorskip("simplejpeg")
+    else:
+        monkeypatch.setattr(ingest, "jpeg_problem", ingest._jpeg_problem_torchvision)
+    return request.param
+
+
+def test_files_cut_at_the_end_say_so(tmp_path, workspace, jpeg_backend):
+    noisy = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    j, p = jpeg_bytes(noisy), png_bytes(Image.fromarray(noisy))
+    files = {"no_eoi.jpg": j[:-2], "half.jpg": j[:len(j) // 2], "no_iend.png": p[:-12]}
+    rows = [{"id": k, "path": k} for k in files]
+    manifest, _ = run(write_collection(tmp_path, files, "m.jsonl", jsonl(rows)))
+    assert manifest["status"].tolist() == ["truncated_image"] * 3
+    assert "only the 2-byte end-of-image marker is missing" in manifest["detail"][0]
+    assert "end-of-image marker" not in manifest["detail"][1]
+
+
 def test_image_formats_pillow_cannot_decode_are_named(tmp_path, workspace):
     """A 12-bit JPEG is a damaged/unsupported JPEG, not "not an image"; an iPhone HEIC says what it is."""
     j = jpeg_bytes(smooth_rgb(16, 16))

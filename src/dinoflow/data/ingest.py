@@ -376,7 +376,8 @@ def integrity_problem(path: str) -> tuple[str, str] | None:
         head = fh.read(16)
         if head.startswith(b"\xff\xd8\xff"):
             fh.seek(0)
-            problem = jpeg_problem(fh.read())
+            data = fh.read()
+            problem = jpeg_problem(data)
             if problem is None:
                 return None
             benign = _PADDING_BEFORE_EOI.match(problem)
@@ -385,13 +386,20 @@ def integrity_problem(path: str) -> tuple[str, str] | None:
             low = problem.lower()
             reason = "truncated_image" if "premature end of jpeg file" in low or "truncated" in low \
                 else "corrupt_image"
+            if reason == "truncated_image" and not data.endswith(b"\xff\xd9") \
+                    and jpeg_problem(data + b"\xff\xd9") is None:
+                # Every block is there, only the 2-byte end marker is not (an interrupted write after the data).
+                problem += (" (only the 2-byte end-of-image marker is missing: the image data is complete; "
+                            "re-saving the file fixes it)")
             return reason, f"libjpeg: {problem}"
         if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
             fh.seek(0)
             return webp_problem(fh.read())
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         problem = png_problem(path)
-        return None if problem is None else ("corrupt_image", f"PNG: {problem}")
+        if problem is None:
+            return None
+        return ("truncated_image" if "truncated" in problem.lower() else "corrupt_image"), f"PNG: {problem}"
     return None
 
 

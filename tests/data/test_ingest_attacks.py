@@ -200,6 +200,16 @@ def test_a_one_column_header_names_the_problem(tmp_path):
         read_metadata(path)
 
 
+def test_utf16_without_a_bom_and_header_case_are_explained(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_bytes("id,path\n1,a.png\n".encode("utf-16-le"))
+    with pytest.raises(DinoflowError, match="NUL bytes.*UTF-16"):
+        read_metadata(path)
+    path.write_bytes(b"ID,Path\n1,a.png\n")
+    with pytest.raises(DinoflowError, match="'ID' differs only in letter case"):
+        read_metadata(path)
+
+
 def test_duplicate_column_names_in_csv_are_an_error(tmp_path):
     """pandas renames the second `id` to `id.1` and the table would silently use the first."""
     path = tmp_path / "m.csv"

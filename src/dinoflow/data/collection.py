@@ -114,6 +114,9 @@ def _csv_layout(path: Path, encoding: str, default: str, wanted: Iterable[str]) 
             log.info("%s: Excel's first line %r sets the separator: read with %r", path, first.strip(), first[4])
             return first[4], 1
     line = first
+    if "\x00" in line:
+        raise DinoflowError(f"{path}: the header contains NUL bytes: UTF-16 text without a byte-order mark? Save "
+                            "the table as UTF-8 (or UTF-16 with a BOM, Excel's \"Unicode Text\")")
     wanted = [w for w in wanted if w]
 
     def header(sep: str) -> list[str]:
@@ -526,8 +529,10 @@ def read_metadata(path: str | Path, columns: Mapping[str, str] | None = None, ke
     found = [repr(str(c)) if str(c) != str(c).strip() else str(c) for c in raw.columns]
     for name in REQUIRED:
         if mapping[name] not in raw.columns:
+            near = [str(c) for c in raw.columns if str(c).strip().casefold() == mapping[name].casefold()]
+            hint = f"; {near[0]!r} differs only in letter case or spaces" if near else ""
             raise DinoflowError(f"{path}: no column {mapping[name]!r} for `{name}` (columns found: "
-                                f"{', '.join(found) or 'none'}; set collection.columns.{name} in params.yaml)")
+                                f"{', '.join(found) or 'none'}{hint}; set collection.columns.{name} in params.yaml)")
     label_columns = list(label_columns or [])
     for label in label_columns:
         if label not in raw.columns:

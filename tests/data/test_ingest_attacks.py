@@ -398,3 +398,22 @@ def test_missing_values_written_as_text_are_kept_but_reported(tmp_path, caplog):
     assert df["caption"].tolist() == ["nan", "a cat", "NaN"] and df["keywords"].tolist() == [["None"], ["x"], ["nan"]]
     assert "2 cell(s) of column 'caption'" in caplog.text and "rows 0, 2" in caplog.text
     assert "2 cell(s) of column 'keywords'" in caplog.text
+
+
+def test_a_file_that_cannot_be_read_is_not_called_corrupt(tmp_path, workspace, monkeypatch):
+    """Permission denied (tests may run as root, where chmod 000 still reads, so `open` is made to refuse)."""
+    import builtins
+
+    params = write_collection(tmp_path, {"a.png": PNG, "b.png": PNG}, "m.jsonl",
+                              jsonl([{"id": "a", "path": "a.png"}, {"id": "b", "path": "b.png"}]))
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file).endswith("a.png"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    manifest, _ = run(params)
+    assert manifest["status"].tolist() == ["unreadable_file", "ok"]
+    assert "Permission denied" in manifest["detail"][0] and "a.png" in manifest["detail"][0]

@@ -78,6 +78,7 @@ REASONS = {
     "missing_file": "no file at the path",
     "not_a_file": "the path is a directory or another non-regular file",
     "empty_file": "the file has zero bytes",
+    "unreadable_file": "the file cannot be read (permission denied, I/O error)",
     "not_an_image": "not an image Pillow can identify (despite its extension)",
     "too_many_pixels": "more pixels than ingest.max_pixels (decompression-bomb guard)",
     "truncated_image": "the image data ends early",
@@ -470,6 +471,13 @@ class _ImageChecker:
             return "not_a_file", f"{full} is not a regular file", None, None, ""
         if st.st_size == 0:
             return "empty_file", f"{full} has 0 bytes", None, None, ""
+        try:
+            # Permissions, a failing disk or network share, a cloud "online-only" placeholder: the file is not
+            # damaged, we cannot read it (the image decoders would call it corrupt).
+            with open(full, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            return "unreadable_file", f"{full}: cannot read the file: {exc.strerror or exc}", None, None, ""
         try:
             # (1, 1): JPEGs decode at 1/8 scale; every other format decodes fully, which is what finds damage.
             _, notes, (w, h) = open_rgb(full, draft_size=(1, 1), max_pixels=self.max_pixels)

@@ -163,6 +163,7 @@ def test_unicode_text_export_with_a_bom_is_read(tmp_path, encoding):
     b"\xef\xbb\xbfid;path;caption\r\n007;a.png;\"he said \"\"hi\"\"; twice\"\r\n1e5;b.png;x\r\n",  # Excel (EU locale)
     b"sep=;\r\nid;path;caption\r\n007;a.png;\"he said \"\"hi\"\"; twice\"\r\n1e5;b.png;x\r\n",  # Excel's sep= line
     b"id\tpath\tcaption\n007\ta.png\the said \"hi\"; twice\n1e5\tb.png\tx\n",  # tab-separated in a .csv
+    b"id;path;caption;\"notes, en\"\n007;a.png;\"he said \"\"hi\"\"; twice\";\n1e5;b.png;x;\n",  # "," in a name
 ])
 def test_excel_csv_separators_are_detected(tmp_path, data, caplog):
     path = tmp_path / "m.csv"

@@ -103,8 +103,8 @@ _SEPARATORS = (",", ";", "\t")
 
 
 def _csv_layout(path: Path, encoding: str, default: str, wanted: Iterable[str]) -> tuple[str, int]:
-    """(separator, lines to skip) from the header: Excel's `sep=;` first line, else `default` unless the header
-    read with it is one column, then the Excel separator (`;`, tab) whose header has the `wanted` columns."""
+    """(separator, lines to skip) from the header: Excel's `sep=;` first line, else `default` when its header has
+    the `wanted` columns, else the spreadsheet separator (`;`, tab) whose header has them."""
     import csv
 
     with _open_binary(path) as fh:
@@ -122,19 +122,22 @@ def _csv_layout(path: Path, encoding: str, default: str, wanted: Iterable[str]) 
     def header(sep: str) -> list[str]:
         return next(csv.reader([line], delimiter=sep), [])
 
-    if len(header(default)) > 1 or not line.strip():
+    def has_wanted(sep: str) -> bool:
+        names = header(sep)
+        return len(names) > 1 and all(w in names for w in wanted)
+
+    if not line.strip() or has_wanted(default):
         return default, 0
     for sep in _SEPARATORS:
-        names = header(sep)
-        if sep != default and len(names) > 1 and all(w in names for w in wanted):
+        if sep != default and has_wanted(sep):
             log.info("%s: the header is %r-separated, not %r (as Excel writes in some locales): read with %r",
                      path, sep, default, sep)
             return sep, 0
-    if not any(c in line for c in ";\t|:"):
-        return default, 0  # a one-column table: the missing column is reported by the caller
-    tried = ", ".join(map(repr, _SEPARATORS))
-    raise DinoflowError(f"{path}: the header has only one column ({line.strip()[:80]!r}) with the separator "
-                        f"{default!r}: is the file separated by another character? (tried {tried})")
+    if len(header(default)) == 1 and any(c in line for c in ";\t|:"):
+        tried = ", ".join(map(repr, _SEPARATORS))
+        raise DinoflowError(f"{path}: the header has only one column ({line.strip()[:80]!r}) with the separator "
+                            f"{default!r}: is the file separated by another character? (tried {tried})")
+    return default, 0  # the caller reports the missing column, naming the columns found
 
 
 def _read_csv(path: Path, wanted: Iterable[str] = ()) -> pd.DataFrame:

@@ -306,9 +306,8 @@ def _read_parquet(path: Path) -> pd.DataFrame:
                                    for v in col.to_pylist()], dtype=object)
         elif pa.types.is_float16(col.type) or pa.types.is_float32(col.type):
             # NumPy scalars keep their precision, so `identifier` knows a float32 id is exact only below 2^24.
-            values = col.to_numpy()
-            out[name] = pd.Series([None if v is None else values.dtype.type(v) for v in col.to_pylist()],
-                                  dtype=object)
+            scalar = np.dtype(col.type.to_pandas_dtype()).type
+            out[name] = pd.Series([None if v is None else scalar(v) for v in col.to_pylist()], dtype=object)
         else:
             out[name] = pd.Series(col.to_pylist(), dtype=object)
     return pd.DataFrame(out, index=pd.RangeIndex(table.num_rows))
@@ -491,16 +490,19 @@ def _warn_missing_as_text(path: Path, column: str, values: pd.Series) -> None:
     """Log the rows whose cell (or a keyword) is the text of a missing value ("nan", "None", ...): kept as
     text, since it may be meant ("NaN" as a word), but a caption "nan" on every unlabelled row would make the
     captions look alike to the text model."""
-    rows = [i for i, v in enumerate(values)
-            if (v in MISSING_AS_TEXT if isinstance(v, str) else
-                isinstance(v, list) and any(k in MISSING_AS_TEXT for k in v))]
+    rows: list[int] = []
+    seen: set[str] = set()
+    for i, value in enumerate(values):
+        found = {v for v in (value if isinstance(value, list) else [value])
+                 if isinstance(v, str) and v in MISSING_AS_TEXT}
+        if found:
+            rows.append(i)
+            seen |= found
     if rows:
         log.warning("%s: %d cell(s) of column %r are the text of a missing value (%s; rows %s%s): kept as text. "
                     "A missing value written by pandas astype(str) or a database export? Leave such cells empty",
-                    path, len(rows), column, ", ".join(sorted({repr(v) for i in rows[:50] for v in
-                                                              (values.iat[i] if isinstance(values.iat[i], list)
-                                                               else [values.iat[i]]) if v in MISSING_AS_TEXT})),
-                    ", ".join(map(str, rows[:10])), ", ..." if len(rows) > 10 else "")
+                    path, len(rows), column, ", ".join(map(repr, sorted(seen))), ", ".join(map(str, rows[:10])),
+                    ", ..." if len(rows) > 10 else "")
 
 
 def read_metadata(path: str | Path, columns: Mapping[str, str] | None = None, keyword_separator: str = ";",

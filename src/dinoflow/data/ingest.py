@@ -416,7 +416,7 @@ def sniff(path: str) -> tuple[str | None, bool]:
               (b"GIF89a", "a GIF file"), (b"II*\x00", "a TIFF file"), (b"MM\x00*", "a TIFF file"),
               (b"BM", "a BMP file")]
     for magic, kind in images:
-        if head.startswith(magic):
+        if head.startswith(magic) and (magic != b"BM" or head[6:10] == b"\0\0\0\0"):  # BMP: reserved bytes 0
             return kind, True
     if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
         return "a WebP file", True

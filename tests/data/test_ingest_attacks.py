@@ -418,3 +418,27 @@ def test_a_file_that_cannot_be_read_is_not_called_corrupt(tmp_path, workspace, m
     manifest, _ = run(params)
     assert manifest["status"].tolist() == ["unreadable_file", "ok"]
     assert "Permission denied" in manifest["detail"][0] and "a.png" in manifest["detail"][0]
+
+
+def _rgb16_tiff(arr16: np.ndarray) -> bytes:
+    """(H, W, 3) uint16 → an uncompressed 16-bit RGB TIFF (Pillow cannot write one)."""
+    h, w, _ = arr16.shape
+    data = arr16.astype("<u2").tobytes()
+    entries = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, None), (259, 3, 1, 1), (262, 3, 1, 2), (273, 4, 1, None),
+               (277, 3, 1, 3), (278, 3, 1, h), (279, 4, 1, len(data))]
+    bps_offset = 8 + 2 + len(entries) * 12 + 4
+    out = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        value = {258: bps_offset, 273: bps_offset + 6}.get(tag, value)
+        out += struct.pack("<HHIHH", tag, kind, count, value, 0) if kind == 3 and count == 1 else \
+            struct.pack("<HHII", tag, kind, count, value)
+    return out + struct.pack("<I", 0) + struct.pack("<HHH", 16, 16, 16) + data
+
+
+def test_16bit_rgb_tiff_reduced_to_8_bits_is_noted_like_png(tmp_path):
+    arr16 = (smooth_rgb(8, 4).astype(np.uint16) * 257)
+    path = tmp_path / "a.tif"
+    path.write_bytes(_rgb16_tiff(arr16))
+    im, notes, _ = open_rgb(path)
+    assert notes == ["16bit->8bit"]
+    assert np.array_equal(np.asarray(im), (arr16 >> 8).astype(np.uint8))

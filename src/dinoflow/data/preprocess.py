@@ -98,6 +98,19 @@ def _png_bit_depth(im: Image.Image) -> int | None:
     return depth[0] if depth else None
 
 
+def _reduced_bit_depth(im: Image.Image) -> bool:
+    """Whether Pillow opened a high-bit-depth colour image (16-bit RGB(A) PNG, 16-bit RGB/CMYK TIFF) in an 8-bit
+    mode, reducing it silently (grey 16-bit images keep their mode, "I;16", and are noted when converted)."""
+    if im.mode not in ("RGB", "RGBA", "CMYK", "LA"):
+        return False
+    if im.format == "PNG":
+        return (_png_bit_depth(im) or 8) > 8
+    if im.format == "TIFF":
+        bits = im.tag_v2.get(258, (8,))
+        return max(bits if isinstance(bits, tuple) else (bits,)) > 8
+    return False
+
+
 def upright_size(im: Image.Image) -> tuple[int, int]:
     """Width and height as displayed (EXIF orientations 5-8 swap the axes)."""
     w, h = im.size
@@ -298,7 +311,7 @@ def _open_rgb(path, draft_size, max_pixels) -> tuple[Image.Image, list[str], tup
             raise PixelLimitError(w, h, max_pixels)
         notes: list[str] = []
         # Before anything else reads the file (a PNG's getexif() loads the image and closes it).
-        if _png_bit_depth(opened) == 16 and opened.mode in ("RGB", "RGBA"):
+        if _reduced_bit_depth(opened):
             notes.append("16bit->8bit")
         n_frames = frame_count(opened)
         if n_frames > 1:

@@ -211,6 +211,15 @@ def test_utf16_without_a_bom_and_header_case_are_explained(tmp_path):
         read_metadata(path)
 
 
+@pytest.mark.parametrize("name, data", [("m.csv", b"id,path\n"), ("m.jsonl", b"\n\n"), ("m.json", b"[]")])
+def test_a_table_without_rows_is_an_error_not_an_empty_success(tmp_path, name, data):
+    """A header-only CSV went through ingest as "0 ok, 0 skipped" and failed only in preprocess."""
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(DinoflowError, match="no data rows"):
+        read_metadata(path)
+
+
 def test_duplicate_column_names_in_csv_are_an_error(tmp_path):
     """pandas renames the second `id` to `id.1` and the table would silently use the first."""
     path = tmp_path / "m.csv"

@@ -528,6 +528,8 @@ def read_metadata(path: str | Path, columns: Mapping[str, str] | None = None, ke
     else:
         raw = {"parquet": _read_parquet, "jsonl": _read_jsonl}[fmt](path)
     jsonl_errors = raw.pop("__jsonl_error") if "__jsonl_error" in raw.columns else None
+    if len(raw) == 0:
+        raise DinoflowError(f"{path}: the table has no data rows (collection.metadata in params.yaml)")
     raw_bad_bytes = raw.attrs.get("raw_bad_bytes")
     row_labels = raw.attrs.get("row_labels")
     # Names with spaces around them are shown quoted: `id ` is not `id`.

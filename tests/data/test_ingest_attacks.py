@@ -451,3 +451,19 @@ def test_16bit_rgb_tiff_reduced_to_8_bits_is_noted_like_png(tmp_path):
     im, notes, _ = open_rgb(path)
     assert notes == ["16bit->8bit"]
     assert np.array_equal(np.asarray(im), (arr16 >> 8).astype(np.uint8))
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_tiff_orientation_is_applied_once_and_noted_like_jpeg(tmp_path, orientation):
+    """Pillow's TIFF reader rotates on load and drops the tag: the note was missing and the manifest's
+    width/height were swapped back (not upright)."""
+    arr = smooth_rgb(16, 8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(arr).save(tmp_path / "a.png", "PNG", exif=exif)
+    Image.fromarray(arr).save(tmp_path / "a.tif", "TIFF", tiffinfo={0x0112: orientation})
+    ref, ref_notes, ref_size = open_rgb(tmp_path / "a.png")
+    im, notes, size = open_rgb(tmp_path / "a.tif")
+    assert notes == ref_notes == ["exif-rotated"]
+    assert size == ref_size == ref.size == ((8, 16) if orientation in (6, 8) else (16, 8))
+    assert np.array_equal(np.asarray(im), np.asarray(ref))

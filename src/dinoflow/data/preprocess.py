@@ -318,17 +318,25 @@ def _open_rgb(path, draft_size, max_pixels) -> tuple[Image.Image, list[str], tup
             opened.seek(0)
             notes.append(f"frame:1/{n_frames}")
         size = upright_size(opened)
+        orientation = opened.getexif().get(_EXIF_ORIENTATION, 1)
         if draft_size is not None and opened.format in ("JPEG", "MPO"):
             opened.draft(opened.mode, draft_size(w, h) if callable(draft_size) else draft_size)
         opened.load()
+        valid_orientation = orientation in (2, 3, 4, 5, 6, 7, 8)  # 0, 9, ...: not a valid value, ignored
+        # Pillow's TIFF reader applies the Orientation tag itself while loading (and removes the tag; its size is
+        # upright from the start): the pixels are upright already, only the note and size remain to be set.
+        applied_on_load = valid_orientation and opened.getexif().get(_EXIF_ORIENTATION, 1) != orientation
+        if applied_on_load:
+            size = opened.size
         icc = opened.info.get("icc_profile")
         if not icc and opened.getexif().get_ifd(_EXIF_IFD).get(_EXIF_COLOR_SPACE) == _UNCALIBRATED:
             # Cameras set to Adobe RGB write "uncalibrated" here (DCF option file) and often embed no profile:
             # the colours are not sRGB, but which space they are in is not stated. Say so; use them as they are.
             notes.append("colorspace-uncalibrated")
         im = opened
-        if im.getexif().get(_EXIF_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):  # 0, 9, ...: not a valid value
-            im = ImageOps.exif_transpose(im)
+        if valid_orientation:
+            if not applied_on_load:
+                im = ImageOps.exif_transpose(im)
             notes.append("exif-rotated")
         im = colour_key_to_alpha(im, notes)
         im = to_srgb(im, icc, notes)

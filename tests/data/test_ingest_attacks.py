@@ -292,6 +292,15 @@ def test_urls_and_percent_encoded_names_are_explained(tmp_path, workspace):
     assert summary["missing_file_with_near_match"] == 1
 
 
+def test_a_path_that_repeats_the_image_folder_is_explained(tmp_path, workspace):
+    rows = [{"id": "a", "path": "images/sub/a.png"}, {"id": "b", "path": "images\\sub\\a.png"}]
+    params = write_collection(tmp_path, {"sub/a.png": PNG}, "m.jsonl", jsonl(rows))
+    manifest, summary = run(params)
+    assert manifest["status"].tolist() == ["missing_file", "missing_file"]
+    assert all("'sub/a.png' exists" in d and "image folder's own name 'images'" in d for d in manifest["detail"])
+    assert summary["missing_file_with_near_match"] == 2
+
+
 def test_rows_naming_the_same_file_are_noted(tmp_path, workspace):
     """Two records of one image are two rows (both ok), but the later one says which row has the same file:
     otherwise retrieval metrics count a trivial exact duplicate as a found neighbour."""

@@ -574,6 +574,7 @@ def validate_rows(df: pd.DataFrame, images_dir: str, max_pixels: int, workers: i
     files = np.full(n, None, dtype=object)
     name_note = np.full(n, "", dtype=object)
     names = FileNames(str(images_dir))
+    folder_name = os.path.basename(os.path.normpath(str(images_dir)))
     near_match = 0
     for i in np.flatnonzero(pending):
         found, note, message = names.resolve(rel_paths[i])
@@ -584,6 +585,11 @@ def validate_rows(df: pd.DataFrame, images_dir: str, max_pixels: int, workers: i
             if alt is not None:
                 found, note = alt, _join_notes("path-backslashes", alt_note)
         if found is None:
+            head, _, rest = rel_paths[i].replace("\\", "/").partition("/")
+            if rest and head == folder_name and names.resolve(rest)[0] is not None:
+                # "images/a.jpg" with images_dir ".../images": the path repeats the image folder.
+                message += (f"; near match: {rest!r} exists: the path starts with the image folder's own name "
+                            f"{head!r}, but paths are relative to collection.images_dir")
             near_match += "near match:" in message
             status[i], detail[i] = "missing_file", f"row {rows[i]}: path {rel_paths[i]!r}: {message}"
             pending[i] = False

@@ -100,6 +100,19 @@ def _png_bit_depth(im: Image.Image) -> int | None:
     return depth[0] if depth else None
 
 
+def _reduced_bit_depth(im: Image.Image) -> bool:
+    """Whether Pillow opened a high-bit-depth colour image (16-bit RGB(A) PNG, 16-bit RGB/CMYK TIFF) in an 8-bit
+    mode, reducing it silently (grey 16-bit images keep their mode, "I;16", and are noted when converted)."""
+    if im.mode not in ("RGB", "RGBA", "CMYK", "LA"):
+        return False
+    if im.format == "PNG":
+        return (_png_bit_depth(im) or 8) > 8
+    if im.format == "TIFF":
+        bits = im.tag_v2.get(258, (8,))
+        return max(bits if isinstance(bits, tuple) else (bits,)) > 8
+    return False
+
+
 def upright_size(im: Image.Image) -> tuple[int, int]:
     """Width and height as displayed (EXIF orientations 5-8 swap the axes)."""
     w, h = im.size
@@ -145,6 +158,28 @@ def to_rgb(im: Image.Image, notes: list[str] | None = None) -> Image.Image:
         return im.convert("RGB")
     notes.append("gray->rgb" if mode in ("L", "1") else f"{mode.lower()}->rgb")
     return im.convert("RGB")
+
+
+def colour_key_to_alpha(im: Image.Image, notes: list[str] | None = None) -> Image.Image:
+    """A grey or RGB image with a transparent colour key (PNG `tRNS` without an alpha channel: Pillow keeps the
+    mode and puts the key in `info["transparency"]`) → "LA" / "RGBA" with those pixels transparent, so that they
+    are composited on white like every other transparent pixel (`to_rgb`), not left as the key colour (often
+    black). Images without a key, or whose key matches no pixel, are returned unchanged."""
+    notes = [] if notes is None else notes
+    key = im.info.get("transparency")
+    if key is None or isinstance(key, bytes) or im.mode not in ("RGB", "L", "1", "I", "I;16", "I;16B", "I;16L"):
+        return im
+    arr = np.asarray(im)
+    mask = np.all(arr == np.asarray(key), axis=-1) if arr.ndim == 3 else arr == key
+    if not mask.any():
+        return im
+    if im.mode.startswith("I"):
+        im = _grey_to_8bit(im, notes)
+    elif im.mode == "1":
+        im = im.convert("L")
+    out = im.convert("RGBA" if im.mode == "RGB" else "LA")
+    out.putalpha(Image.fromarray(np.where(mask, 0, 255).astype(np.uint8), "L"))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,25 +313,34 @@ def _open_rgb(path, draft_size, max_pixels) -> tuple[Image.Image, list[str], tup
             raise PixelLimitError(w, h, max_pixels)
         notes: list[str] = []
         # Before anything else reads the file (a PNG's getexif() loads the image and closes it).
-        if _png_bit_depth(opened) == 16 and opened.mode in ("RGB", "RGBA"):
+        if _reduced_bit_depth(opened):
             notes.append("16bit->8bit")
         n_frames = frame_count(opened)
         if n_frames > 1:
             opened.seek(0)
             notes.append(f"frame:1/{n_frames}")
         size = upright_size(opened)
+        orientation = opened.getexif().get(_EXIF_ORIENTATION, 1)
         if draft_size is not None and opened.format in ("JPEG", "MPO"):
             opened.draft(opened.mode, draft_size(w, h) if callable(draft_size) else draft_size)
         opened.load()
+        valid_orientation = orientation in (2, 3, 4, 5, 6, 7, 8)  # 0, 9, ...: not a valid value, ignored
+        # Pillow's TIFF reader applies the Orientation tag itself while loading (and removes the tag; its size is
+        # upright from the start): the pixels are upright already, only the note and size remain to be set.
+        applied_on_load = valid_orientation and opened.getexif().get(_EXIF_ORIENTATION, 1) != orientation
+        if applied_on_load:
+            size = opened.size
         icc = opened.info.get("icc_profile")
         if not icc and opened.getexif().get_ifd(_EXIF_IFD).get(_EXIF_COLOR_SPACE) == _UNCALIBRATED:
             # Cameras set to Adobe RGB write "uncalibrated" here (DCF option file) and often embed no profile:
             # the colours are not sRGB, but which space they are in is not stated. Say so; use them as they are.
             notes.append("colorspace-uncalibrated")
         im = opened
-        if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-            im = ImageOps.exif_transpose(im)
+        if valid_orientation:
+            if not applied_on_load:
+                im = ImageOps.exif_transpose(im)
             notes.append("exif-rotated")
+        im = colour_key_to_alpha(im, notes)
         im = to_srgb(im, icc, notes)
         out = to_rgb(im, notes)
         if out is not opened:

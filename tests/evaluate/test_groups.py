@@ -128,13 +128,11 @@ def test_main_with_phash_and_strict_summary(tmp_path, monkeypatch):
 
 def test_main_with_group_column(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    meta = pd.DataFrame({"id": ["a", "b", "c", "d", "x"], "path": ["a.png"] * 5,
-                         "family": ["f1", "f1", "", "f2", "f9"]})
-    meta.to_csv("meta.csv", index=False)
     Path(paths.MANIFEST).parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"row": [0, 1, 2, 3, 4], "id": ["a", "b", "c", "d", "x"]}).to_parquet(paths.MANIFEST)
+    pd.DataFrame({"row": [0, 1, 2, 3, 4], "id": ["a", "b", "c", "d", "x"],
+                  "family": ["f1", "f1", "", "f2", "f9"]}).to_parquet(paths.MANIFEST)
     _write_index(["d", "a", "b", "c"])  # x was not ok: not in the index
-    params = {"collection": {"group_column": "family", "metadata": "meta.csv", "columns": {}},
+    params = {"collection": {"group_column": "family"},
               "groups": {"max_distance": 4}}
     summary = groups.main(params)
     out = pd.read_parquet(paths.GROUPS)
@@ -144,7 +142,7 @@ def test_main_with_group_column(tmp_path, monkeypatch):
     assert summary["max_distance"] is None and summary["n_groups"] == 3
     assert summary["n_near_duplicate_groups"] == 1 and summary["n_images_in_near_duplicate_groups"] == 2
     params["collection"]["group_column"] = "nope"
-    with pytest.raises(DinoflowError, match="group_column 'nope'.*not found"):
+    with pytest.raises(DinoflowError, match="group_column 'nope': not a column of .*manifest"):
         groups.main(params)
 
 

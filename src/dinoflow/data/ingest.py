@@ -25,7 +25,7 @@ Decisions worth knowing:
 - Invalid UTF-8 anywhere in a row's mapped fields (id, path, caption, keywords, labels) skips the row
   (`invalid_utf8`): mojibake text would silently corrupt the caption/keyword similarity the workflow measures.
   A file in a legacy encoding therefore fails the whole run with a count telling the user to re-encode it.
-- Unknown columns (not mapped in `collection.columns` nor listed in `collection.label_columns`) are a table-level
+- Unknown columns (not mapped in `collection.columns` nor listed in `collection.label_columns` / `group_column`) are a table-level
   finding, not a row status: they are named in the log and in the summary (`unknown_columns`). With
   `ingest.allow_unknown_columns: false` (default) they are left out of the manifest; with `true` they are kept
   as text columns (prefixed `extra_` where a name clashes with a manifest column).
@@ -697,7 +697,9 @@ def main(params: dict[str, Any], **_: Any) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     coll, cfg = params["collection"], params["ingest"]
-    label_columns = list(coll.get("label_columns") or [])
+    # Label columns and the group column (rows of one group never straddle a probe split) are kept in the manifest.
+    label_columns = list(dict.fromkeys([*(coll.get("label_columns") or []),
+                                        *([coll["group_column"]] if coll.get("group_column") else [])]))
     df = read_metadata(coll["metadata"], coll.get("columns"), coll.get("keyword_separator", ";"), label_columns)
     unknown = df.attrs.get("unknown_columns", [])
     keep_unknown = bool(cfg.get("allow_unknown_columns", False))

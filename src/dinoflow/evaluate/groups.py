@@ -3,8 +3,8 @@
 A probe whose test image has a resized copy, a recompressed copy or a skin-tone sibling in the training split
 measures memory, not representation quality. Every ok image of the processed index gets a group:
 
-- `collection.group_column` set: the value of that column of the collection's metadata (read again from
-  `collection.metadata`, joined to the manifest by input row). Images without a value are groups of one.
+- `collection.group_column` set: the value of that column in the manifest (ingest keeps it, like the label
+  columns). Images without a value are groups of one.
 - otherwise: connected components of the graph joining two images whose perceptual hashes (`imagehash.phash`
   of the processed 256 px image, 64 bits, the `phash` column of `paths.PROCESSED_INDEX`) differ in at most
   `groups.max_distance` bits (Hamming distance). Components are transitive: a chain of near-duplicates is one
@@ -137,20 +137,19 @@ def phash_groups(ids: np.ndarray, hashes: np.ndarray, max_distance: int) -> np.n
 
 
 def column_groups(params: dict[str, Any], ids: np.ndarray) -> tuple[np.ndarray, int]:
-    """(group of each id from collection.group_column, number of images without a value: groups of one)."""
-    from dinoflow.data.collection import read_metadata
+    """(group of each id from collection.group_column, number of images without a value: groups of one).
 
-    coll = params["collection"]
-    column = coll["group_column"]
+    Ingest keeps the group column in the manifest (like the label columns). Raises DinoflowError when the
+    manifest is missing or lacks the column (ingest ran with another `collection.group_column`)."""
+    column = params["collection"]["group_column"]
     if not os.path.exists(paths.MANIFEST):
         raise DinoflowError(f"{paths.MANIFEST}: manifest not found (run `dinoflow ingest` first)")
-    manifest = pd.read_parquet(paths.MANIFEST, columns=["row", "id"])
-    try:
-        meta = read_metadata(coll["metadata"], coll.get("columns"), coll.get("keyword_separator", ";"), [column])
-    except DinoflowError as exc:
-        raise DinoflowError(f"collection.group_column {column!r}: {exc}") from exc
-    values = meta[column].reindex(manifest["row"].to_numpy()).to_numpy()
-    by_id = pd.Series(values, index=manifest["id"].astype(str).to_numpy())
+    names = pq.read_schema(paths.MANIFEST).names
+    if column not in names:
+        raise DinoflowError(f"collection.group_column {column!r}: not a column of {paths.MANIFEST} (columns: "
+                            f"{', '.join(names)}); re-run `dinoflow ingest` after changing collection.group_column")
+    manifest = pd.read_parquet(paths.MANIFEST, columns=["id", column])
+    by_id = pd.Series(manifest[column].to_numpy(dtype=object), index=manifest["id"].astype(str).to_numpy())
     by_id = by_id[~by_id.index.duplicated()]
     group = by_id.reindex(ids).to_numpy(dtype=object)
     missing = np.array([v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == ""

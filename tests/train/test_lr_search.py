@@ -110,3 +110,22 @@ def test_bad_range_and_missing_groups_are_reported(tmp_path, monkeypatch):
     pd.DataFrame({"id": ["img00000"], "group": ["g0"]}).to_parquet(paths.GROUPS)
     with pytest.raises(DinoflowError, match="no group for 1 processed images .*img00001"):
         lr_search.read_groups_and_labels(params, ["img00000", "img00001"])
+
+
+def test_all_trials_diverged_is_an_error_not_a_best_lr(tmp_path, monkeypatch):
+    params, images = make_env(tmp_path)
+    monkeypatch.chdir(tmp_path / "ws")
+    groups, labels = _groups_and_labels(params)
+    params["lr_search"].update(n_trials=2, heldout_images=10)
+
+    def diverging(params, images, lr, wd, temp, report):
+        losses = [5.0, float("nan")]
+        for step, loss in enumerate(losses):
+            report(step, loss)
+        return losses, None  # a diverged run has no network to judge
+
+    monkeypatch.setattr(lr_search, "run_trial", diverging)
+    Path(paths.LR_SEARCH_BEST).unlink()
+    with pytest.raises(DinoflowError, match=r"no trial completed \(all diverged\); lower lr_search.lr_range"):
+        lr_search.search(params, images, groups, labels, "shape")
+    assert not Path(paths.LR_SEARCH_BEST).exists()

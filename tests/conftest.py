@@ -30,7 +30,7 @@ def tiny_params(collection: dict) -> dict:
                             "n_local_crops": 2, "warmup_epochs": 1})
     params["methods"]["dinov2"].update({"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16,
                                         "warmup_teacher_temp_epochs": 1})
-    params["lr_search"].update({"n_trials": 2, "max_steps": 2})
+    params["lr_search"].update({"n_trials": 2, "max_steps": 2, "heldout_images": 8})
     params["embed"]["batch_size"] = 8
     params["neighbours"].update({"k": 3, "grid_random_queries": 2, "grid_k": 3})
     params["align"].update({"exact_max_n": 1000, "n_permutations": 19})

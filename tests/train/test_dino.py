@@ -91,6 +91,7 @@ def test_freezing_only_intended_parameters_change(env):
     params, images = env
     run.main(params, "base")
     params["finetune"].update(head_warmup_epochs=1, lr_head=0.01, lr_backbone=0.01)
+    params["train"]["freeze_last_layer_epochs"] = 1
     t = params["train"]
     seed_everything(params["seed"])
     encoder, _ = create_encoder(params, "vit_ft")

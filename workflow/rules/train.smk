@@ -23,6 +23,14 @@ def lr_best(wildcards):
     return [paths.LR_SEARCH_BEST] if uses_lr_search(wildcards.model) else []
 
 
+def heldout_inputs(wildcards):
+    """The lr search judges trials on a held-out slice of whole groups (paths.GROUPS, contract 1) with the labels
+    of the manifest. The `groups` rule comes from the stats work: until it is part of this workflow the input is
+    left out here, and `dinoflow lr-search` itself stops with a message naming the missing file."""
+    has_groups = any(r.name == "groups" for r in workflow.rules)
+    return [paths.GROUPS, paths.MANIFEST] if has_groups else [paths.MANIFEST]
+
+
 def train_log(name):
     """One file or folder of a model's dvclive directory."""
     return f"{paths.train_log_dir('{model}')}/{name}"
@@ -31,15 +39,17 @@ def train_log(name):
 if any(uses_lr_search(m) for m in MODELS):
 
     rule lr_search:
-        """Optuna (TPE + pruning) over the scratch learning rate; best values in best.json."""
+        """Optuna (TPE) over the scratch learning rate, each trial judged by kNN top-1 (or RankMe) on a grouped
+        held-out slice; best values in best.json."""
         input:
             PROCESSED,
+            heldout_inputs,
         output:
             best=paths.LR_SEARCH_BEST,
             trials=plot(paths.LR_SEARCH_TRIALS),
             figure=report(plot(paths.LR_SEARCH_PLOT), caption="../report/lr_search.rst", category="Training"),
         params:
-            **sections("seed", "models", "backbone", "train", "lr_search"),
+            **sections("seed", "collection", "models", "backbone", "train", "lr_search", "probes"),
         log:
             f"{LOG}/lr_search.log",
         conda:

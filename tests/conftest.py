@@ -29,7 +29,7 @@ def tiny_params(collection: dict) -> dict:
     params["train"].update({"epochs": 2, "batch_size": 8, "global_crop_size": 28, "local_crop_size": 14,
                             "n_local_crops": 2, "out_dim": 64, "head_hidden_dim": 32, "head_bottleneck_dim": 16,
                             "warmup_epochs": 1, "warmup_teacher_temp_epochs": 1})
-    params["lr_search"].update({"n_trials": 2, "max_steps": 2})
+    params["lr_search"].update({"n_trials": 2, "max_steps": 2, "heldout_images": 8})
     params["embed"]["batch_size"] = 8
     params["neighbours"].update({"k": 3, "grid_random_queries": 2, "grid_k": 3})
     params["align"].update({"exact_max_n": 1000, "n_permutations": 19})

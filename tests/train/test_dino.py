@@ -54,13 +54,30 @@ def test_loss_falls_on_tiny_collection(env):
     kl = _curve("scratch", "dino_kl")
     assert (kl >= -1e-5).all()
     np.testing.assert_allclose(kl, _curve("scratch", "loss/dino") - _curve("scratch", "teacher/entropy"), atol=1e-5)
-    for name in ("loss/dino", "loss/ibot", "loss/koleo", "teacher/entropy", "teacher/std", "lr", "wd", "momentum",
-                 "teacher/temp"):
+    for name in ("loss/dino", "loss/ibot", "loss/koleo", "teacher/entropy", "teacher/entropy_fraction",
+                 "teacher/std", "teacher/rankme", "lr", "wd", "momentum", "teacher/temp"):
         assert len(_curve("scratch", name)) == 9, name
+    # RankMe of the centred teacher CLS tokens of the batch's 2 x 8 global crops: between 1 and 15
+    assert ((_curve("scratch", "teacher/rankme") >= 1) & (_curve("scratch", "teacher/rankme") <= 15)).all()
     # lr follows the schedule scaled by batch/256 (no warm-up here: the first step is the peak)
     assert _curve("scratch", "lr")[0] == pytest.approx(0.05 * 8 / 256)
     info = read_json(paths.model_info("scratch"))
     assert info["train"]["lr_overrides"] == {"lr": 0.05}
+    # contract 2: the verdict over the last epoch's monitors, the drift from the initial weights, the network
+    assert info["evaluated_network"] == "teacher" and info["init_values"] is None
+    c = info["collapse"]
+    assert c["verdict"] in ("healthy", "uniform_collapse", "one_hot_collapse", "dimensional_collapse")
+    assert c["teacher_entropy"] == pytest.approx(_curve("scratch", "teacher/entropy")[-3:].mean(), rel=1e-5)
+    assert c["student_teacher_kl"] == pytest.approx(kl[-3:].mean(), rel=1e-5, abs=1e-6)
+    assert c["rankme"] == pytest.approx(_curve("scratch", "teacher/rankme")[-3:].mean(), rel=1e-5)
+    assert c["log_k"] == pytest.approx(math.log(params["train"]["out_dim"])) and c["embed_dim"] == 32
+    d = info["drift"]
+    assert d["n_images"] == len(images) and -1 <= d["ci95"][0] <= d["median_cosine"] <= d["ci95"][1] <= 1
+    assert d["median_cosine"] < 0.999  # lr 0.05 for 9 steps moves a random ViT
+    assert info["trainable_params"] == info["total_params"] and info["trainable_share"] == 1.0
+    live = read_json(Path(paths.train_log_dir("scratch")) / "metrics.json")
+    assert live["collapse"]["verdict"] == c["verdict"]
+    assert live["drift"]["median_cosine"] == pytest.approx(d["median_cosine"])
     assert set(load_file(paths.model_weights("scratch"))) == set(create_encoder(params, "scratch")[0].state_dict())
 
 
@@ -74,6 +91,7 @@ def test_freezing_only_intended_parameters_change(env):
     params, images = env
     run.main(params, "base")
     params["finetune"].update(head_warmup_epochs=1, lr_head=0.01, lr_backbone=0.01)
+    params["train"]["freeze_last_layer_epochs"] = 1
     t = params["train"]
     seed_everything(params["seed"])
     encoder, _ = create_encoder(params, "vit_ft")
@@ -158,6 +176,10 @@ def test_ddp_two_processes_match_one_process(tmp_path, monkeypatch):
     """
     params, images = make_env(tmp_path)
     params["train"]["warmup_epochs"] = 0  # the first step already moves the weights
+    # timm's LayerScale (1e-5): without it the key bias, whose exact gradient is 0 (softmax ignores a shift shared by
+    # all keys), gets float-rounding gradients large enough that Adam's normalised first steps turn their different
+    # rounding under 1 and 2 processes into differences of ~lr, beyond the tolerance below.
+    params["backbone"]["init_values"] = 1e-5
     monkeypatch.chdir(tmp_path / "ws")
     one = run_steps(params, images, n_steps=2)
     out = tmp_path / "ddp.pt"
@@ -259,3 +281,37 @@ def test_grad_checkpointing_gives_the_same_step_and_bf16_autocast_runs(env):
     assert all(math.isfinite(v["loss/total"]) for v in amp["values"])
     # bf16 keeps ~3 significant digits: close to the float32 loss, not equal
     assert amp["values"][0]["loss/total"] == pytest.approx(plain["values"][0]["loss/total"], rel=0.05)
+
+
+def test_evaluate_network_chooses_the_saved_backbone(env):
+    """teacher: the EMA teacher's backbone is the model; student: the student's (as in the saved train state)."""
+    params, images = env
+    params["train"].update(warmup_epochs=0, momentum_teacher=0.5, momentum_teacher_end=0.5)
+    saved = {}
+    for network in ("teacher", "student"):
+        params["train"]["evaluate_network"] = network
+        _train(params, images, "scratch")
+        saved[network] = load_file(paths.model_weights("scratch"))
+        state = checkpoint.load_state(paths.train_state("scratch"))["trainer"][network]
+        for k, v in saved[network].items():
+            assert torch.equal(v, state[f"backbone.{k}"]), (network, k)
+        assert read_json(paths.model_info("scratch"))["evaluated_network"] == network
+    assert any(not torch.equal(saved["teacher"][k], saved["student"][k]) for k in saved["teacher"])
+
+
+def test_collapse_verdict_warns_or_fails(env):
+    """A random ViT with timm's DINOv2 LayerScale init (1e-5) gives every image the same CLS embedding: the
+    verdict is uniform collapse; on_collapse: fail stops with the model, the verdict and the numbers."""
+    params, images = env
+    params["backbone"]["init_values"] = 1e-5
+    params["train"]["on_collapse"] = "warn"
+    _train(params, images, "scratch")
+    info = read_json(paths.model_info("scratch"))
+    assert info["collapse"]["verdict"] == "uniform_collapse", info["collapse"]
+    assert info["init_values"] == 1e-5
+    Path(paths.model_weights("scratch")).unlink()
+    Path(paths.train_state("scratch")).unlink()
+    params["train"]["on_collapse"] = "fail"
+    with pytest.raises(DinoflowError, match=r"model scratch: uniform_collapse .*teacher entropy .*RankMe"):
+        _train(params, images, "scratch")
+    assert not Path(paths.model_weights("scratch")).exists()

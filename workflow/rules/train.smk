@@ -31,15 +31,18 @@ def train_log(name):
 if any(uses_lr_search(m) for m in MODELS):
 
     rule lr_search:
-        """Optuna (TPE + pruning) over the scratch learning rate; best values in best.json."""
+        """Optuna (TPE) over the scratch learning rate, each trial judged by kNN top-1 (or RankMe) on a grouped
+        held-out slice; best values in best.json."""
         input:
             PROCESSED,
+            groups=paths.GROUPS,  # trials are judged on a held-out slice of whole groups
+            manifest=paths.MANIFEST,  # label columns for the kNN criterion
         output:
             best=paths.LR_SEARCH_BEST,
             trials=plot(paths.LR_SEARCH_TRIALS),
             figure=report(plot(paths.LR_SEARCH_PLOT), caption="../report/lr_search.rst", category="Training"),
         params:
-            **sections("seed", "models", "backbone", "train", "lr_search"),
+            **sections("seed", "collection", "models", "backbone", "train", "lr_search", "probes"),
         log:
             f"{LOG}/lr_search.log",
         conda:

@@ -34,7 +34,6 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -47,7 +46,8 @@ from dinoflow.ssl.augment import MultiCropAugmentation, MultiCropDataset, collat
 from dinoflow.ssl.heads import DINOHead, cancel_last_layer_gradients
 from dinoflow.ssl.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinoflow.ssl.masking import MaskingGenerator, sample_masks
-from dinoflow.train import checkpoint
+from dinoflow.train import checkpoint, monitors
+from dinoflow.train.drift import embedding_drift
 from dinoflow.train.distributed import DistContext, all_gather_with_grad, all_reduce_mean, init_distributed
 from dinoflow.train.schedules import cosine_schedule, teacher_temp_schedule
 from dinoflow.utils import get_logger, read_json, seed_everything
@@ -293,7 +293,7 @@ class DinoTrainer:
         warmup = min(float(t["warmup_epochs"]), e)
         s = {
             "wd": cosine_schedule(self.base["weight_decay"], float(t["weight_decay_end"]), e, n),
-            "momentum": cosine_schedule(float(t["momentum_teacher"]), 1.0, e, n),
+            "momentum": cosine_schedule(float(t["momentum_teacher"]), float(t["momentum_teacher_end"]), e, n),
             "teacher_temp": teacher_temp_schedule(float(t["warmup_teacher_temp"]), self.base["teacher_temp"],
                                                   float(t["warmup_teacher_temp_epochs"]), e, n),
         }
@@ -399,14 +399,12 @@ class DinoTrainer:
             for sb, tb in zip(self.student.buffers(), self.teacher.buffers()):
                 tb.copy_(sb)
 
-        # Collapse monitors: entropy of the teacher targets and spread of its normalised CLS embeddings.
-        with torch.no_grad():
-            entropy = -(t_probs * torch.log(t_probs.clamp_min(1e-12))).sum(-1).mean()
-            t_cls = F.normalize(t_out["cls"].float(), dim=-1)
-            std = t_cls.std(dim=0).mean() if t_cls.shape[0] > 1 else torch.zeros(())
-        teacher_entropy = float(all_reduce_mean(entropy))
+        # Collapse monitors (monitors.py): target entropy, spread and effective rank of the teacher embeddings.
+        watched = monitors.teacher_monitors(t_probs, t_out["cls"])
+        watched = {k: float(all_reduce_mean(torch.tensor(v, device=dev))) for k, v in watched.items()}
+        teacher_entropy = watched["teacher/entropy"]
+        values.update(watched)
         values.update({
-            "teacher/entropy": teacher_entropy, "teacher/std": float(all_reduce_mean(std)),
             # The part of the DINO cross-entropy the student can reduce: CE - H(teacher) = KL(teacher || student)
             # (each teacher view is the target equally often). The CE itself rises while the teacher temperature
             # warms up, because the targets' entropy rises; this term is the one that falls as the student learns.
@@ -433,19 +431,6 @@ class DinoTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.dino_loss.load_state_dict(state["dino_loss"])
         self.ibot_loss.load_state_dict(state["ibot_loss"])
-
-
-# ------------------------------------------------------------------------------------------------ collapse
-def collapse_warning(values: dict[str, float], out_dim: int, embed_dim: int) -> str | None:
-    """A message when the teacher looks collapsed: uniform targets, one-hot targets or identical embeddings."""
-    h, h_max = values["teacher/entropy"], math.log(out_dim)
-    if h > 0.98 * h_max:
-        return f"teacher entropy {h:.3f} ~ log(out_dim) = {h_max:.3f}: uniform targets (collapse)"
-    if h < 0.02 * h_max:
-        return f"teacher entropy {h:.3g} ~ 0: one-hot targets (collapse onto one prototype)"
-    if values["teacher/std"] < 0.1 / math.sqrt(embed_dim):
-        return f"std of teacher embeddings {values['teacher/std']:.2g} ~ 0: all images map to one point"
-    return None
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -479,8 +464,11 @@ def train(params: dict[str, Any], model_name: str, encoder: Encoder, info: dict[
           images: Any = None, ctx: DistContext | None = None) -> Encoder:
     """Train `encoder` with DINO as model `model_name` wants, resuming from `paths.train_state` when it exists.
 
-    Returns the teacher backbone (the model that is evaluated) after saving it to `paths.model_weights`.
+    Returns the evaluated backbone (`train.evaluate_network`: the EMA teacher's or the student's) after saving it
+    to `paths.model_weights`, with info.json (contract 2) holding the evaluated network, the collapse verdict
+    (`monitors.collapse_verdict` over the last epoch) and the drift from the initial weights (`drift.py`).
     `images`: anything with `__len__` and `get(i)` (default: the processed `ImageStore`).
+    Raises DinoflowError when the loss diverges, or when the verdict is a collapse and `train.on_collapse` is fail.
     """
     from dvclive import Live
 
@@ -496,6 +484,7 @@ def train(params: dict[str, Any], model_name: str, encoder: Encoder, info: dict[
     n_steps = steps_per_epoch(len(images), t)
     finetune = cfg["init"] != "random"
     overrides = scratch_lr_from_search(params, model_name)
+    initial = copy.deepcopy(encoder).eval()  # the reference of the drift measure
     trainer = DinoTrainer(params, encoder, trainable=cfg["trainable"], finetune=finetune, epochs=int(t["epochs"]),
                           steps_per_epoch=n_steps, ctx=ctx, **overrides)
     mean, std = encoder.data_config["mean"], encoder.data_config["std"]
@@ -509,6 +498,7 @@ def train(params: dict[str, Any], model_name: str, encoder: Encoder, info: dict[
                             "model": cfg, "init": info.get("params_hash"), "overrides": overrides,
                             "n_images": len(images), "world_size": ctx.world_size})
     start = 0
+    history: list[dict[str, float]] = []  # collapse monitors of the steps of the current epoch
     state = checkpoint.load_state(state_path)
     if state is not None and state.get("run_hash") != run_hash:
         log.warning("%s: saved for other parameters; training %s from the start", state_path, model_name)
@@ -517,6 +507,7 @@ def train(params: dict[str, Any], model_name: str, encoder: Encoder, info: dict[
         trainer.load_state_dict(state["trainer"])
         checkpoint.set_rng_states(state["rng"])
         start = int(state["step"])
+        history = list(state["monitors"])
         log.info("%s: resuming at step %d of %d (epoch %d)", model_name, start, trainer.total_steps,
                  start // n_steps)
 
@@ -524,6 +515,7 @@ def train(params: dict[str, Any], model_name: str, encoder: Encoder, info: dict[
         if ctx.is_main:
             checkpoint.save_state(state_path, {"trainer": trainer.state_dict(), "rng": checkpoint.rng_states(),
                                                "step": step, "epoch": step // n_steps, "run_hash": run_hash,
+                                               "monitors": history,
                                                "data_order": {"seed": seed, "steps_per_epoch": n_steps,
                                                               "global_batch": int(t["batch_size"])}})
 
@@ -542,7 +534,7 @@ def train(params: dict[str, Any], model_name: str, encoder: Encoder, info: dict[
     log.info("%s: DINO %s, %d epochs x %d steps, global batch %d, %d process(es), trainable=%s, iBOT %s",
              model_name, "fine-tune" if finetune else "from scratch", trainer.epochs, n_steps, t["batch_size"],
              ctx.world_size, cfg["trainable"], "on" if trainer.use_ibot else "off")
-    warned_epoch, last = -1, {}
+    last: dict[str, float] = {}
     t0, done = time.time(), 0
     bar = tqdm(total=trainer.total_steps, initial=start, desc=f"train {model_name}", disable=not ctx.is_main)
     for epoch in range(start // n_steps, trainer.epochs):
@@ -550,41 +542,68 @@ def train(params: dict[str, Any], model_name: str, encoder: Encoder, info: dict[
         trainer.set_epoch(epoch)
         sampler.set_epoch(epoch, first)
         dataset.set_epoch(epoch)
+        if first == 0:
+            history = []
         for step, batch in enumerate(loader, start=first):
             it = epoch * n_steps + step
             masks = trainer.local_masks(sampler.global_batch(epoch, step), epoch)
             last = trainer.train_step(batch, it, masks)
+            history.append({k: last[k] for k in monitors.MONITOR_KEYS})
             done += 1
             if live is not None and it % int(t.get("log_every", 1)) == 0:
                 live.step = it
                 for k, v in last.items():
                     live.log_metric(k, v)
                 live.next_step()
-            if epoch >= 1 and warned_epoch < epoch:
-                msg = collapse_warning(last, int(t["out_dim"]), encoder.embed_dim)
-                if msg:
-                    log.warning("%s epoch %d step %d: %s", model_name, epoch, it, msg)
-                    warned_epoch = epoch
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss/total']:.4f}")
             if stop_after and done >= stop_after:
                 bar.close()
                 log.warning("%s: stopping after %d steps (%s), without saving, as a kill would", model_name, done,
                             STOP_AFTER_ENV)
-                return trainer.teacher.backbone
+                return evaluated_backbone(trainer, t)
             if (it + 1) % every == 0 and step + 1 < n_steps:
                 save(it + 1)
         save((epoch + 1) * n_steps)
+        verdict = model_verdict(history, trainer, t)
+        if verdict["verdict"] != "healthy":
+            log.warning("%s epoch %d: %s (%s)", model_name, epoch, verdict["verdict"], verdict["reason"])
     bar.close()
     elapsed = time.time() - t0
+    verdict = model_verdict(history, trainer, t)  # the last epoch's (also after a resume with nothing left to do)
+    backbone = evaluated_backbone(trainer, t)
     if ctx.is_main:
-        info = dict(info, train={"epochs": trainer.epochs, "steps": trainer.total_steps, "steps_per_epoch": n_steps,
-                                 "global_batch": int(t["batch_size"]), "processes": ctx.world_size,
-                                 "final_loss": last.get("loss/total"), "lr_overrides": overrides,
-                                 "images_per_s_this_run": round(done * int(t["batch_size"]) / max(elapsed, 1e-9), 2)})
-        save_encoder(trainer.teacher.backbone, paths.model_weights(model_name), info)
+        if verdict["verdict"] != "healthy" and t["on_collapse"] == "fail":
+            if live is not None:
+                live.end()
+            raise DinoflowError(f"model {model_name}: {verdict['verdict']} after training ({verdict['reason']}); "
+                                f"weights not saved (train.on_collapse: fail). Curves: {log_dir}")
+        drift = embedding_drift(initial, backbone, images, int(t["drift_images"]), seed)
+        info = dict(info, evaluated_network=t["evaluate_network"], collapse=verdict, drift=drift,
+                    train={"epochs": trainer.epochs, "steps": trainer.total_steps, "steps_per_epoch": n_steps,
+                           "global_batch": int(t["batch_size"]), "processes": ctx.world_size,
+                           "final_loss": last.get("loss/total"), "lr_overrides": overrides,
+                           "images_per_s_this_run": round(done * int(t["batch_size"]) / max(elapsed, 1e-9), 2)})
+        save_encoder(backbone, paths.model_weights(model_name), info)
         if live is not None:
+            live.summary["collapse"] = {k: verdict[k] for k in ("verdict", *monitors.MONITOR_KEYS.values())}
+            live.summary["drift"] = {"median_cosine": drift["median_cosine"], "ci95": drift["ci95"]}
             live.end()
-        log.info("%s: teacher backbone -> %s; curves -> %s; state -> %s", model_name,
+        log.info("%s: collapse verdict %s (%s); median cosine to the initial embeddings %.4f [%.4f, %.4f] over %d "
+                 "images", model_name, verdict["verdict"], verdict["reason"], drift["median_cosine"], *drift["ci95"],
+                 drift["n_images"])
+        log.info("%s: %s backbone -> %s; curves -> %s; state -> %s", model_name, t["evaluate_network"],
                  paths.model_weights(model_name), log_dir, state_path)
-    return trainer.teacher.backbone
+    return backbone
+
+
+def evaluated_backbone(trainer: DinoTrainer, t: dict[str, Any]) -> Encoder:
+    """The backbone saved as the model: the EMA teacher's (DINO's choice) or the student's (`train.evaluate_network`)."""
+    return {"teacher": trainer.teacher, "student": trainer.student}[t["evaluate_network"]].backbone
+
+
+def model_verdict(history: list[dict[str, float]], trainer: DinoTrainer, t: dict[str, Any]) -> dict[str, Any]:
+    """`monitors.collapse_verdict` over the monitors of the steps of the last epoch (`history`)."""
+    n_samples = 2 * (int(t["batch_size"]) // trainer.ctx.world_size)  # rows of one process's teacher batch
+    return monitors.collapse_verdict(**monitors.summarise(history), log_k=math.log(int(t["out_dim"])),
+                                     embed_dim=trainer.student.backbone.embed_dim, n_samples=n_samples)

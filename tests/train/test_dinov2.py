@@ -177,6 +177,10 @@ def test_ddp_two_processes_match_one_process(tmp_path, monkeypatch):
     """
     params, images = make_env(tmp_path)
     params["train"]["warmup_epochs"] = 0  # the first step already moves the weights
+    # timm's LayerScale (1e-5): without it the key bias, whose exact gradient is 0 (softmax ignores a shift shared by
+    # all keys), gets float-rounding gradients large enough that Adam's normalised first steps turn their different
+    # rounding under 1 and 2 processes into differences of ~lr, beyond the tolerance below.
+    params["backbone"]["init_values"] = 1e-5
     monkeypatch.chdir(tmp_path / "ws")
     one = run_steps(params, images, n_steps=2)
     out = tmp_path / "ddp.pt"
@@ -187,16 +191,9 @@ def test_ddp_two_processes_match_one_process(tmp_path, monkeypatch):
         for key in ("loss/dino", "loss/ibot", "loss/koleo", "loss/total", "teacher/entropy", "grad_norm/head",
                     "grad_norm/backbone"):
             assert v2[key] == pytest.approx(v1[key], rel=1e-5, abs=1e-6), (step, key)
-    dim = params["backbone"]["kwargs"]["embed_dim"]
     for who in ("student", "teacher"):
         for k, v in one[who].items():
             got = two[who][k]
-            if k.endswith("attn.qkv.bias"):
-                # The key bias shifts every attention logit of a query equally: softmax removes it, so its gradient
-                # is 0 in exact arithmetic and AdamW turns float noise there into ~1e-6 steps. Looser there only.
-                key = slice(dim, 2 * dim)
-                torch.testing.assert_close(got[key], v[key], rtol=0, atol=1e-5, msg=f"{who} {k} (key bias)")
-                got, v = torch.cat([got[:dim], got[2 * dim:]]), torch.cat([v[:dim], v[2 * dim:]])
             torch.testing.assert_close(got, v, rtol=1e-5, atol=1e-6, msg=f"{who} {k}")
 
 

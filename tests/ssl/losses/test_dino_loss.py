@@ -147,7 +147,7 @@ def test_sinkhorn_survives_sharp_logits():
 
 
 def test_bad_arguments():
-    with pytest.raises(DinoflowError, match="train.centering"):
+    with pytest.raises(DinoflowError, match="centering"):
         DINOLoss(K, centering="mean")
     with pytest.raises(DinoflowError, match="temperature"):
         DINOLoss(K).teacher_probs(torch.zeros(2, K), 0.0)

@@ -2,7 +2,7 @@
 
 The teacher's logits become probabilities either by *centering* (subtract an EMA of the teacher's mean logits,
 divide by the teacher temperature, softmax) or by *Sinkhorn-Knopp* (SwAV-style equipartition, DINOv2's
-``train.centering: sinkhorn_knopp``). The loss averages ``-sum(p_teacher * log_softmax(student / student_temp))``
+``methods.dinov2.centering: sinkhorn_knopp``). The loss averages ``-sum(p_teacher * log_softmax(student / student_temp))``
 over every (teacher global view, student view) pair except a view with itself, as DINOv2 (its local + global
 terms divided by the number of pairs).
 
@@ -79,7 +79,7 @@ class TeacherCentering(nn.Module):
         super().__init__()
         if centering not in CENTERING_MODES:
             raise DinoflowError(
-                f"train.centering: unknown value {centering!r} (allowed: {', '.join(CENTERING_MODES)})"
+                f"centering (methods.<name>.centering): unknown value {centering!r} (allowed: {', '.join(CENTERING_MODES)})"
             )
         if student_temp <= 0:
             raise DinoflowError(f"train.student_temp must be > 0, got {student_temp!r}")

@@ -16,7 +16,7 @@ from dinoflow.utils import read_json
 @pytest.mark.slow
 def test_cli_lr_search_then_scratch_training(tiny_workspace: Path, monkeypatch):
     monkeypatch.chdir(tiny_workspace)
-    for stage in (["ingest"], ["preprocess"], ["groups"], ["train", "--model", "random"]):
+    for stage in (["ingest"], ["preprocess"], ["train", "--model", "random"]):
         assert cli(stage) == 0, stage
     assert cli(["train", "--model", "scratch"]) == 2  # no lr search yet: a clear error, not a traceback
     assert cli(["lr-search"]) == 2  # no groups table (contract 1) yet: a clear error

@@ -66,7 +66,7 @@ BACKBONES = {
 }
 # Crops (px) and batch per mode; multi-crop methods (SwAV, DINO) add `n_local_crops` local crops.
 SIZES = {
-    "full": {"batch": 32, "global_crop_size": 112, "local_crop_size": 56, "n_local_crops": 4, "reps": 7, "warmup": 2},
+    "full": {"batch": 32, "global_crop_size": 56, "local_crop_size": 28, "n_local_crops": 4, "reps": 7, "warmup": 2},
     "quick": {"batch": 8, "global_crop_size": 56, "local_crop_size": 28, "n_local_crops": 2, "reps": 3, "warmup": 1},
 }
 # Quick mode shrinks the heads too (the same sizes on both sides; the defaults are sized for real runs).

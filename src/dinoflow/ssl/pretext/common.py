@@ -107,3 +107,35 @@ def check_mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[f
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise DinoflowError(f"pretext views: mean/std need 3 values and std > 0, got {mean!r}, {std!r}")
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def numpy_rng(generator: torch.Generator | np.random.Generator) -> np.random.Generator:
+    """A NumPy generator drawn from the view seam's per-sample ``torch.Generator`` (one 63-bit draw), or the NumPy
+    generator itself: the pretext views draw all their randomness from it."""
+    if isinstance(generator, np.random.Generator):
+        return generator
+    return np.random.default_rng(int(torch.randint(0, 2**63 - 1, (1,), generator=generator)))
+
+
+def check_patch_multiple(backbone: Any, section: str, name: str, size: int) -> None:
+    """For a ViT backbone, ``size`` (an input side in pixels) must be a multiple of its patch size."""
+    if getattr(backbone, "is_vit", False) and size % backbone.patch_size:
+        raise DinoflowError(f"{section}.{name} ({size} px) must be a multiple of the ViT patch size "
+                            f"({backbone.patch_size}) of {backbone.arch}")
+
+
+def feature_grid(backbone: Any, size: int) -> int:
+    """Side of the backbone's token grid / last feature map for a ``size`` x ``size`` input.
+
+    ViT: ``size // patch_size``; CNN: one probe pass in eval mode (so BatchNorm running statistics are not
+    touched), the mode restored afterwards. Raises DinoflowError for a non-square map.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        h, w = backbone.patch_grid(size, size)
+    finally:
+        backbone.train(was_training)
+    if h != w:
+        raise DinoflowError(f"{backbone.arch}: a {size}x{size} input gives a non-square {h}x{w} feature map")
+    return int(h)

@@ -13,7 +13,8 @@ region back; the loss is the L2 distance on the blanked region, plus (optionally
   (``torch.func.functional_call``), so one backward pass and one optimiser step train both players, each only
   on its own objective.
 - Decoder: the backbone's last feature map (CNN) or patch tokens (ViT, laid back on their grid) go through
-  up-convolutions (``ConvTranspose2d(4, stride 2)`` + BN + ReLU, halving channels, as the paper's decoder) until
+  up-convolutions (``ConvTranspose2d(4, stride 2)`` + GroupNorm + ReLU, halving channels, as the paper's decoder with
+  GroupNorm for its BatchNorm, so that a sample's output does not depend on its batch) until
   the image size, then a 3x3 convolution to RGB (no tanh: targets are normalised pixels).
 
 Example:
@@ -44,6 +45,10 @@ from dinoflow.ssl.pretext.common import (IMAGENET_MEAN, IMAGENET_STD, check_mean
                                          check_scale, normalize, random_resized_crop, to_uint8_image)
 
 REGIONS = ("central", "random_block")
+
+
+def _norm(channels: int) -> nn.Module:
+    return nn.GroupNorm(math.gcd(8, channels), channels)
 
 
 class ContextEncoderViews:
@@ -96,7 +101,7 @@ class InpaintingDecoder(nn.Module):
     """Feature map ``(B, D, grid, grid)`` -> image ``(B, 3, out_size, out_size)``.
 
     ``1x1 conv(D, hidden)``, then ``ceil(log2(out_size / grid))`` up-convolutions (``ConvTranspose2d(k=4, s=2, p=1)``
-    + BN + ReLU, channels halved down to 16), a bilinear resize when the size is not reached exactly, and a 3x3
+    + GroupNorm(8) + ReLU, channels halved down to 16), a bilinear resize when the size is not reached exactly, and a 3x3
     conv to 3 channels.
     """
 
@@ -107,14 +112,14 @@ class InpaintingDecoder(nn.Module):
         self.out_size = check_positive_int("methods.context_encoder", "crop_size", out_size)
         hidden_dim = check_positive_int("methods.context_encoder", "decoder_dim", hidden_dim)
         self.n_up = max(0, math.ceil(math.log2(self.out_size / self.grid)))
-        layers: list[nn.Module] = [nn.Conv2d(self.in_dim, hidden_dim, 1), nn.BatchNorm2d(hidden_dim),
+        layers: list[nn.Module] = [nn.Conv2d(self.in_dim, hidden_dim, 1), _norm(hidden_dim),
                                    nn.ReLU(inplace=True)]
         ch = hidden_dim
         self._ups = nn.ModuleList()
         for _ in range(self.n_up):
             nxt = max(16, ch // 2)
             self._ups.append(nn.Sequential(nn.ConvTranspose2d(ch, nxt, 4, stride=2, padding=1, bias=False),
-                                           nn.BatchNorm2d(nxt), nn.ReLU(inplace=True)))
+                                           _norm(nxt), nn.ReLU(inplace=True)))
             ch = nxt
         self.stem = nn.Sequential(*layers)
         self.to_rgb = nn.Conv2d(ch, 3, 3, padding=1)

@@ -169,7 +169,7 @@ class JigsawHead(nn.Module):
     """Tile embeddings ``(B, 9, D)`` (in input order) -> permutation logits ``(B, n_permutations)``.
 
     As the paper's context-free network: a per-tile layer (``Linear(D, tile_dim) -> ReLU``, shared, fc6), the 9
-    outputs concatenated in input order, ``Linear(9 * tile_dim, hidden) -> BN -> ReLU`` (fc7) and
+    outputs concatenated in input order, ``Linear(9 * tile_dim, hidden) -> ReLU`` (fc7) and
     ``Linear(hidden, n_permutations)`` (fc8).
     """
 
@@ -179,8 +179,8 @@ class JigsawHead(nn.Module):
         tile_dim = check_positive_int("methods.jigsaw", "tile_dim", tile_dim)
         hidden_dim = check_positive_int("methods.jigsaw", "head_hidden_dim", hidden_dim)
         self.tile = nn.Sequential(nn.Linear(in_dim, tile_dim), nn.ReLU(inplace=True))
-        self.classifier = nn.Sequential(nn.Linear(N_TILES * tile_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
-                                        nn.ReLU(inplace=True), nn.Linear(hidden_dim, int(n_permutations)))
+        self.classifier = nn.Sequential(nn.Linear(N_TILES * tile_dim, hidden_dim), nn.ReLU(inplace=True),
+                                        nn.Linear(hidden_dim, int(n_permutations)))
 
     def forward(self, tile_embeddings: torch.Tensor) -> torch.Tensor:
         if tile_embeddings.ndim != 3 or tile_embeddings.shape[1] != N_TILES:

@@ -102,15 +102,15 @@ def collate_relative_position(samples: Sequence[dict[str, torch.Tensor]]) -> dic
 class RelativePositionHead(nn.Module):
     """Two patch embeddings ``(B, D)`` each -> logits ``(B, 8)``.
 
-    As Doersch et al.'s late fusion (fc6 per patch, fc7 on the concatenation, fc8): ``Linear(2D, hidden) -> BN ->
-    ReLU -> Linear(hidden, 8)`` on ``cat(anchor, neighbour)``; the order matters (which patch is the centre).
+    As Doersch et al.'s late fusion (fc6 per patch, fc7 on the concatenation, fc8): ``Linear(2D, hidden) -> ReLU ->
+    Linear(hidden, 8)`` on ``cat(anchor, neighbour)``; the order matters (which patch is the centre).
     """
 
     def __init__(self, in_dim: int, hidden_dim: int = 512):
         super().__init__()
         in_dim = check_positive_int("relative_position head", "in_dim", in_dim)
         hidden_dim = check_positive_int("methods.relative_position", "head_hidden_dim", hidden_dim)
-        self.net = nn.Sequential(nn.Linear(2 * in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        self.net = nn.Sequential(nn.Linear(2 * in_dim, hidden_dim), nn.ReLU(inplace=True),
                                  nn.Linear(hidden_dim, N_POSITIONS))
 
     def forward(self, anchor: torch.Tensor, neighbour: torch.Tensor) -> torch.Tensor:

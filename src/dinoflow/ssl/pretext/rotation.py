@@ -82,8 +82,9 @@ def collate_rotation(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, to
 class RotationHead(nn.Module):
     """Embedding ``(B, D)`` -> rotation logits ``(B, 4)``.
 
-    Gidaris et al. put a small classifier on top of the features; here: ``Linear(D, hidden) -> BN -> ReLU ->
-    Linear(hidden, 4)`` (``hidden_dim = 0``: a single linear layer).
+    Gidaris et al. put a small classifier on top of the features; here: ``Linear(D, hidden) -> ReLU -> Linear(hidden, 4)``
+    (``hidden_dim = 0``: a single linear layer). No batch norm: a sample's logits do not depend on the other samples
+    of its batch, so N processes compute what one does.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int = 256):
@@ -91,7 +92,7 @@ class RotationHead(nn.Module):
         in_dim = check_positive_int("rotation head", "in_dim", in_dim)
         hidden_dim = check_positive_int("methods.rotation", "head_hidden_dim", hidden_dim, minimum=0)
         if hidden_dim:
-            self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+            self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True),
                                      nn.Linear(hidden_dim, N_ROTATIONS))
         else:
             self.net = nn.Linear(in_dim, N_ROTATIONS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -50,6 +51,34 @@ def validate_params(params: dict[str, Any], source: str = "params") -> None:
                 allowed = f" (allowed: {', '.join(map(str, err.schema['enum']))})"
             lines.append(f"  {key}: {err.message}{allowed}")
         raise ConfigError(f"{source}: invalid parameters\n" + "\n".join(lines))
+
+
+def _schema() -> dict[str, Any]:
+    with open(SCHEMA_PATH, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def _fill(value: Any, schema: dict[str, Any]) -> Any:
+    if isinstance(value, dict) and schema.get("type") == "object":
+        props = schema.get("properties") or {}
+        out = dict(value)
+        for key, sub in props.items():
+            if key not in out and "default" in sub:
+                out[key] = copy.deepcopy(sub["default"])
+            if key in out:
+                out[key] = _fill(out[key], sub)
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            for key in set(out) - set(props):
+                out[key] = _fill(out[key], extra)
+        return out
+    return value
+
+
+def with_defaults(params: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `params` with the schema's `default` values filled in where a key is missing (the schema is the
+    one place defaults live; sections whose schema has a `default` are created when absent)."""
+    return _fill(copy.deepcopy(params), {**_schema(), "type": "object"})
 
 
 def model_names(params: dict[str, Any]) -> list[str]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from dinoflow.errors import DinoflowError
 from dinoflow.utils import get_logger, resolve_device
@@ -100,3 +101,37 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x
     return _GatherWithGrad.apply(x)
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the *global* batch (gathered over processes).
+
+    The CPU-capable equivalent of ``SyncBatchNorm`` for projection / prediction heads (SimCLR, BYOL, Barlow
+    Twins, VICReg, SwAV heads normalise over the batch): every process normalises the gathered batch and keeps
+    its own rows, and the running statistics are updated identically everywhere, so N processes equal one.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        n = x.shape[0]
+        y = super().forward(all_gather_with_grad(x))
+        r = dist.get_rank()
+        return y[r * n:(r + 1) * n]
+
+
+def global_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d`` inside ``module`` by `GlobalBatchNorm1d` (same parameters and buffers)."""
+    for name, child in list(module.named_children()):
+        if type(child) is nn.BatchNorm1d:
+            new = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats).to(next(iter(child.buffers()), torch.zeros(())).device)
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            if child.affine:
+                new.weight.requires_grad_(child.weight.requires_grad)
+                new.bias.requires_grad_(child.bias.requires_grad)
+            setattr(module, name, new)
+        else:
+            global_batchnorm(child)
+    return module

@@ -1,0 +1,98 @@
+"""DINO v1 (Caron et al. 2021): self-distillation with no labels. Student = backbone + DINO head (MLP, L2-normalised
+bottleneck, weight-normalised prototypes); teacher = EMA of both, evaluated. Every global crop of the teacher
+(sharpened by a low temperature, centred by an EMA of its mean output) is the target of every other student crop
+(2 global + ``train.n_local_crops`` local). No iBOT, no KoLeo (that is ``dinov2``). Loss:
+`dinoflow.ssl.losses.DINOLoss` with ``centering="centering"`` (equal to lightly's ``DINOLoss``; tested).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dinoflow.errors import DinoflowError
+from dinoflow.ssl.heads import DINOHead, cancel_last_layer_gradients
+from dinoflow.ssl.losses import DINOLoss
+from dinoflow.ssl.methods._common import check_momentum, check_positive
+from dinoflow.ssl.methods.base import MultiCropViews, SSLMethod, make_teacher, register
+from dinoflow.train.schedules import teacher_temp_schedule
+
+
+@register
+class DINO(SSLMethod):
+    name = "dino"
+    family = "distillation"
+    evaluated_network = "teacher"
+
+    @dataclass
+    class Config:
+        out_dim: int = 4096
+        hidden_dim: int = 1024
+        bottleneck_dim: int = 256
+        student_temp: float = 0.1
+        teacher_temp: float = 0.04
+        warmup_teacher_temp: float = 0.04
+        warmup_teacher_temp_epochs: int = 0
+        center_momentum: float = 0.9
+        momentum: float = 0.996
+        momentum_end: float = 1.0
+        freeze_last_layer_epochs: int = 1
+
+        def validate(self, name):
+            check_positive(name, out_dim=self.out_dim, hidden_dim=self.hidden_dim,
+                           bottleneck_dim=self.bottleneck_dim, student_temp=self.student_temp,
+                           teacher_temp=self.teacher_temp, warmup_teacher_temp=self.warmup_teacher_temp)
+            check_momentum(name, self.momentum, self.momentum_end)
+            if not 0 <= self.center_momentum <= 1:
+                raise DinoflowError(f"methods.{name}.center_momentum: must be in [0, 1]")
+            for key in ("warmup_teacher_temp_epochs", "freeze_last_layer_epochs"):
+                if getattr(self, key) < 0:
+                    raise DinoflowError(f"methods.{name}.{key}: must be >= 0")
+
+    def __init__(self, backbone, cfg, setup):
+        super().__init__(backbone, cfg, setup)
+        self.head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim)
+        self.teacher_backbone = make_teacher(backbone)
+        self.teacher_head = make_teacher(self.head)
+        self.dino_loss = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum, centering="centering")
+        self.momentum = (cfg.momentum, cfg.momentum_end)
+
+    def view_maker(self):
+        return MultiCropViews(self.setup.views)
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
+
+    def schedules(self, epochs, steps_per_epoch):
+        c = self.cfg
+        return {"teacher_temp": teacher_temp_schedule(c.warmup_teacher_temp, c.teacher_temp,
+                                                      c.warmup_teacher_temp_epochs, epochs, steps_per_epoch)}
+
+    def exported_backbone(self):
+        return self.teacher_backbone
+
+    def after_backward(self, ctx) -> None:
+        cancel_last_layer_gradients(self.head, ctx.epoch, self.cfg.freeze_last_layer_epochs)
+
+    def training_step(self, batch, ctx):
+        n_global = 2
+        global_x = torch.cat(batch.views[:n_global])
+        with torch.no_grad():
+            t_cls = self.teacher_backbone.forward_tokens(global_x)["cls"]
+            t_logits = self.teacher_head(t_cls)
+        s_logits = [self.head(self.backbone.forward_tokens(global_x)["cls"])]
+        if len(batch.views) > n_global:
+            s_logits.append(self.head(self.backbone.forward_tokens(torch.cat(batch.views[n_global:]))["cls"]))
+        student = list(s_logits[0].chunk(n_global)) + (list(s_logits[1].chunk(len(batch.views) - n_global))
+                                                         if len(s_logits) > 1 else [])
+        temp = ctx.values["teacher_temp"]
+        probs = self.dino_loss.teacher_probs(t_logits, temp)
+        loss = self.dino_loss.cross_entropy(student, list(probs.chunk(n_global)))
+        self.dino_loss.update_center(t_logits)
+        with torch.no_grad():
+            entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
+        return {"loss": loss, "embeddings": t_cls[: batch.size], "teacher/entropy": entropy,
+                "teacher/log_k": math.log(self.cfg.out_dim)}

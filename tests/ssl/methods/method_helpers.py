@@ -21,6 +21,8 @@ SMALL = {
     "barlow_twins": {"hidden_dim": 64, "out_dim": 64},
     "vicreg": {"hidden_dim": 64, "out_dim": 64},
     "swav": {"hidden_dim": 64, "out_dim": 32, "n_prototypes": 16, "queue_size": 16, "freeze_prototypes_epochs": 0},
+    "dinov2": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "momentum": 0.9, "freeze_last_layer_epochs": 0,
+               "warmup_teacher_temp_epochs": 0},
     "dino": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "momentum": 0.9, "freeze_last_layer_epochs": 0},
 }
 

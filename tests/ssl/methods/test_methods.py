@@ -151,7 +151,7 @@ def test_dino_v1_loss_equals_lightly(images):
     engine = tiny_engine("dino", "vit", images)
     m, batch = engine.method, _first_batch(engine)
     with torch.no_grad():
-        got = m.training_step(batch, _ctx({"teacher_temp": 0.04}))
+        got = m.training_step(batch, _ctx({"teacher/temp": 0.04}))
         g = torch.cat(batch.views[:2])
         t = m.teacher_head(_pooled(m.teacher_backbone, g)).chunk(2)
         s = list(m.head(_pooled(m.backbone, g)).chunk(2)) + list(

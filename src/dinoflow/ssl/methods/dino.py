@@ -68,7 +68,7 @@ class DINO(SSLMethod):
 
     def schedules(self, epochs, steps_per_epoch):
         c = self.cfg
-        return {"teacher_temp": teacher_temp_schedule(c.warmup_teacher_temp, c.teacher_temp,
+        return {"teacher/temp": teacher_temp_schedule(c.warmup_teacher_temp, c.teacher_temp,
                                                       c.warmup_teacher_temp_epochs, epochs, steps_per_epoch)}
 
     def exported_backbone(self):
@@ -88,7 +88,7 @@ class DINO(SSLMethod):
             s_logits.append(self.head(self.backbone.forward_tokens(torch.cat(batch.views[n_global:]))["cls"]))
         student = list(s_logits[0].chunk(n_global)) + (list(s_logits[1].chunk(len(batch.views) - n_global))
                                                          if len(s_logits) > 1 else [])
-        temp = ctx.values["teacher_temp"]
+        temp = ctx.values["teacher/temp"]
         probs = self.dino_loss.teacher_probs(t_logits, temp)
         loss = self.dino_loss.cross_entropy(student, list(probs.chunk(n_global)))
         self.dino_loss.update_center(t_logits)

@@ -1,0 +1,138 @@
+"""The engine with several methods: bit-exact resume after a kill, 2-process DDP == 1 process, fine-tune phases
+(head warm-up, then the chosen blocks) with separate head / backbone lrs."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dinoflow.errors import DinoflowError
+from dinoflow.train import checkpoint, engine as engine_mod
+from dinoflow.train.config import FinetuneConfig
+from dinoflow.train.engine import RunSpec, fit, make_engine
+from engine_helpers import ddp_worker, run_steps
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ssl" / "methods"))
+from method_helpers import SMALL, tiny_encoder, tiny_images, tiny_train_config  # noqa: E402
+
+# a contrastive method with a queue, EMA methods, a clustering method with a queue
+SAMPLE = ["moco_v2", "byol", "swav", "dino"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return tiny_images(tmp_path_factory.mktemp("engine"), n=16)
+
+
+def _fit(method, images, root: Path):
+    engine = make_engine(RunSpec(method, SMALL[method], "all", tiny_train_config(epochs=2), None, 0),
+                         tiny_encoder("vit"), images)
+    fit(engine, "m", {"name": "m"}, "hash", state_path=root / "state.pt", log_dir=root / "log",
+        weights_path=root / "weights.safetensors")
+    return engine
+
+
+def _tensors(obj, prefix=""):
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}")
+
+
+@pytest.mark.parametrize("method", SAMPLE)
+def test_resume_after_kill_is_bit_exact(method, images, tmp_path, monkeypatch):
+    _fit(method, images, tmp_path / "full")  # 2 epochs x 2 steps
+    monkeypatch.setenv(engine_mod.STOP_AFTER_ENV, "3")  # killed in epoch 1; last state saved at step 2
+    _fit(method, images, tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "weights.safetensors").exists()
+    assert checkpoint.load_state(tmp_path / "resumed" / "state.pt")["step"] == 2
+    monkeypatch.delenv(engine_mod.STOP_AFTER_ENV)
+    _fit(method, images, tmp_path / "resumed")
+    full, res = (load_file(tmp_path / d / "weights.safetensors") for d in ("full", "resumed"))
+    assert full.keys() == res.keys()
+    for k in full:
+        assert torch.equal(full[k], res[k]), k
+    a, b = (dict(_tensors(checkpoint.load_state(tmp_path / d / "state.pt")["engine"])) for d in ("full", "resumed"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # ~40 s each: two spawned processes import torch, timm and lightly
+@pytest.mark.parametrize("method", SAMPLE)
+def test_ddp_two_processes_match_one_process(method, images, tmp_path):
+    """2 gloo processes x 4 images == 1 process x 8 images.
+
+    Step 0 (forward over the gathered batch, global BatchNorm, queue / centre, backward through the gather and
+    DDP's averaging): losses and gradient norms equal to float rounding. After that, AdamW turns float-rounding
+    noise in gradients that are zero in exact arithmetic (e.g. a bias feeding straight into a BatchNorm) into
+    lr-sized steps, so step 1 and the state (weights, teacher, queue, centre) are compared at 1e-3.
+    """
+    one = run_steps(method, images, 2)
+    out = tmp_path / "ddp.pt"
+    torch.multiprocessing.spawn(ddp_worker, args=(2, _free_port(), method, images, 2, str(out)), nprocs=2,
+                                join=True)
+    two = torch.load(out, weights_only=True)
+    for step, (v1, v2) in enumerate(zip(one["values"], two["values"], strict=True)):
+        for key in [k for k in v1 if k.startswith(("loss", "grad_norm", "teacher/entropy"))]:
+            tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=1e-3, abs=1e-4)
+            assert v2[key] == pytest.approx(v1[key], **tol), (step, key)
+    assert one["state"].keys() == two["state"].keys()
+    for k, v in one["state"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(two["state"][k], v, rtol=1e-3, atol=1e-3, msg=k)
+        else:
+            assert torch.equal(two["state"][k], v), k
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def test_finetune_head_warmup_then_last_block_with_its_own_lr(images):
+    ft = FinetuneConfig(head_warmup_epochs=1, lr_head=0.01, lr_backbone=0.001, layer_decay=1.0)
+    spec = RunSpec("byol", SMALL["byol"], "last1", tiny_train_config(epochs=2), ft, 0)
+    eng = make_engine(spec, tiny_encoder("vit"), images)
+    m = eng.method
+    _, blocks, tail = m.backbone.block_groups()
+    last = {f"backbone.{n}" for n in blocks[-1] + tail}
+    heads = {n for n, _ in m.named_parameters() if n.startswith(("projection_head.", "prediction_head."))}
+    target_last = {n.replace("backbone.", "target_backbone.", 1) for n in last}
+    target_head = {n for n, _ in m.named_parameters() if n.startswith("target_projection_head.")}
+    snaps = [_snapshot(m)]
+    seen_phases = []
+    for it, values in eng.steps():
+        seen_phases.append(eng.phase)
+        if it % eng.steps_per_epoch == eng.steps_per_epoch - 1:
+            snaps.append(_snapshot(m))
+        assert ("finetune/head_loss" in values) == (eng.phase == "head_warmup")
+    assert seen_phases == ["head_warmup"] * 2 + ["backbone"] * 2
+
+    def changed(a, b):
+        return {k for k in a if not torch.equal(a[k], b[k])}
+
+    assert changed(snaps[0], snaps[1]) == heads | target_head  # epoch 0: heads (and their EMA) only
+    assert changed(snaps[1], snaps[2]) == heads | target_head | last | target_last
+    groups = {g["schedule"] for g in eng.optimizer.param_groups}
+    assert groups == {"lr_head", "lr_backbone"}
+    assert (eng.schedules["lr_backbone"][:2] == 0).all()
+    assert eng.schedules["lr_head"][0] == pytest.approx(0.01 * 8 / 256)
+
+
+def test_head_warmup_longer_than_the_run_is_refused(images):
+    ft = FinetuneConfig(head_warmup_epochs=2, lr_head=0.01, lr_backbone=0.001, layer_decay=1.0)
+    with pytest.raises(DinoflowError, match="head_warmup_epochs"):
+        make_engine(RunSpec("simclr", SMALL["simclr"], "last1", tiny_train_config(epochs=2), ft, 0),
+                    tiny_encoder("vit"), images)

@@ -65,3 +65,37 @@ def test_resume_is_bit_exact(method, section, images):
         pass
     for k, v in straight.method.state_dict().items():
         assert torch.equal(resumed.method.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("method,kind,section", [
+    ("mae", "vit", DDP_METHODS["mae"]),
+    ("rotation", "cnn", {"head_hidden_dim": 32}),
+])
+def test_finetune_warms_up_the_head_then_trains_the_last_block(method, kind, section, images):
+    from dinoflow.train.config import FinetuneConfig
+    from dinoflow.train.engine import RunSpec, make_engine
+    from method_helpers import tiny_encoder, tiny_train_config
+
+    ft = FinetuneConfig(head_warmup_epochs=1, lr_head=0.01, lr_backbone=0.001, layer_decay=1.0)
+    eng = make_engine(RunSpec(method, section, "last1", tiny_train_config(epochs=2), ft, 0), tiny_encoder(kind),
+                      images)
+    m = eng.method
+    _, blocks, tail = m.backbone.block_groups()
+    last = {f"backbone.{n}" for n in blocks[-1] + tail}
+    heads = {n for n, p in m.named_parameters() if not n.startswith("backbone.") and p.requires_grad}
+    assert heads  # the decoder / classifier
+
+    def snapshot():
+        return {k: v.detach().clone() for k, v in m.named_parameters()}
+
+    snaps = [snapshot()]
+    for it, _ in eng.steps():
+        if it % eng.steps_per_epoch == eng.steps_per_epoch - 1:
+            snaps.append(snapshot())
+
+    def changed(a, b):
+        return {k for k in a if not torch.equal(a[k], b[k])}
+
+    assert changed(snaps[0], snaps[1]) <= heads and changed(snaps[0], snaps[1])   # warm-up: heads only
+    assert changed(snaps[1], snaps[2]) & last                                       # then the last block too
+    assert changed(snaps[1], snaps[2]) <= heads | last

@@ -1,0 +1,62 @@
+"""benchmarks/bench_methods.py runs end to end in --quick mode on one method and writes a sane result; its
+statistics helper gives known answers. (Speed itself is measured by the benchmark, never asserted here.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_methods", REPO / "benchmarks" / "bench_methods.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_mode_on_one_method_writes_json_and_markdown(bench, tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        rc = bench.main(["--quick", "--methods", "simclr", "--backbones", "vit", "--reps", "2", "--out",
+                         str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    result = json.loads((tmp_path / "methods_quick.json").read_text(encoding="utf-8"))
+    assert result["threads"] == 1 and result["reps"] == 2 and result["batch"] == 8
+    (row,) = result["rows"]
+    assert (row["method"], row["backbone"], row["baseline"]) == ("simclr", "vit", "lightly")
+    assert row["shape"]["views"] == [[3, 56, 56], [3, 56, 56]]  # both sides get the method's two views
+    for clock in ("cpu", "wall"):
+        r = row[clock]
+        assert set(r["step_times_s"]) == {"dinoflow", "baseline"}
+        assert all(len(v) == 2 and all(t > 0 for t in v) for v in r["step_times_s"].values())
+        paired = [b / d for d, b in zip(r["step_times_s"]["dinoflow"], r["step_times_s"]["baseline"])]
+        assert math.isclose(r["ratio"], sorted(paired)[0] / 2 + sorted(paired)[1] / 2, rel_tol=1e-9)
+        assert r["ratio_ci95"][0] <= r["ratio"] <= r["ratio_ci95"][1]
+        assert math.isclose(r["images_per_s"]["dinoflow"], 8 / r["median_step_s"]["dinoflow"], rel_tol=1e-9)
+    md = (tmp_path / "methods_quick.md").read_text(encoding="utf-8")
+    assert "--quick --methods simclr --backbones vit --reps 2" in md
+    assert "| simclr | vit | lightly |" in md
+
+
+def test_unknown_method_is_refused(bench, tmp_path):
+    with pytest.raises(SystemExit, match="no baseline for nope"):
+        bench.main(["--quick", "--methods", "nope", "--out", str(tmp_path)])
+
+
+def test_bootstrap_interval_of_the_median(bench):
+    assert bench.bootstrap_ci([1.5]) == (1.5, 1.5)
+    lo, hi = bench.bootstrap_ci([1.0, 1.0, 1.0, 1.0])
+    assert lo == hi == 1.0
+    lo, hi = bench.bootstrap_ci([0.9, 1.0, 1.1, 1.2, 1.3])
+    assert 0.9 <= lo <= 1.1 <= hi <= 1.3

@@ -528,8 +528,12 @@ def bootstrap_ci(values: list[float], n: int = 2000, seed: int = 0) -> tuple[flo
     return float(np.quantile(meds, 0.025)), float(np.quantile(meds, 0.975))
 
 
-def build_sides(method: str, kind: str, mode: str, batch: int, steps: int, section: dict | None):
-    """The dinoflow engine step and the baseline step for (method, backbone kind), on one shared batch."""
+def build_sides(method: str, kind: str, mode: str, batch: int, steps: int, section: dict | None,
+                engine_optimizer: str = "default"):
+    """The dinoflow engine step and the baseline step for (method, backbone kind), on one shared batch.
+
+    ``engine_optimizer="fused"``: a what-if variant, the engine's AdamW rebuilt over the same parameter groups
+    with ``fused=True`` (PyTorch's fused CPU/GPU kernel); the baseline keeps lightly's plain AdamW."""
     from dinoflow.ssl.methods.base import parse_config
     from dinoflow.train.engine import RunSpec, make_engine
 
@@ -541,6 +545,8 @@ def build_sides(method: str, kind: str, mode: str, batch: int, steps: int, secti
     encoder = make_encoder(spec, sizes["global_crop_size"])
     run = RunSpec(method=method, method_section=section, trainable="all", train=cfg, finetune=None, seed=0)
     engine = make_engine(run, encoder, images)
+    if engine_optimizer == "fused":
+        engine.optimizer = torch.optim.AdamW(engine._param_groups(), lr=0.0, weight_decay=0.0, fused=True)
     engine.set_epoch(0)
     batch_views = next(iter(engine.loader))
     engine.set_epoch(1)  # second epoch: prototype / last-layer freezes are over, as on the baseline side
@@ -565,6 +571,18 @@ def build_sides(method: str, kind: str, mode: str, batch: int, steps: int, secti
 
     shape = {"views": [list(v.shape[1:]) for v in batch_views.views], "batch": batch}
     return {"dinoflow": dinoflow_step, "baseline": baseline_step}, what, shape, asdict(method_cfg)
+
+
+def views_label(shapes: list[list[int]]) -> str:
+    """``[[3, 56, 56], [3, 56, 56], [3, 28, 28]]`` -> ``"2x56 + 1x28"`` (consecutive views of one size grouped)."""
+    groups: list[list[int]] = []
+    for shape in shapes:
+        side = shape[-1]
+        if groups and groups[-1][1] == side:
+            groups[-1][0] += 1
+        else:
+            groups.append([1, side])
+    return " + ".join(f"{n}x{side}" for n, side in groups)
 
 
 def measure(sides: dict[str, Callable], warmup: int, reps: int) -> dict[str, dict[str, list[float]]]:
@@ -597,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="timed steps per side (default 7; quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per side first (default 1)")
     ap.add_argument("--out", default=str(HERE / "results"), help="results folder")
+    ap.add_argument("--engine-optimizer", choices=["default", "fused"], default="default",
+                    help="what-if: the engine's AdamW with fused=True (results named methods_fused_adamw*)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -618,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
             if kind != "vit" and method in VIT_ONLY:
                 continue
             t0 = time.perf_counter()
-            sides, what, shape, method_cfg = build_sides(method, kind, mode, batch, warmup + reps, None)
+            sides, what, shape, method_cfg = build_sides(method, kind, mode, batch, warmup + reps, None,
+                                                             args.engine_optimizer)
             times = measure(sides, warmup, reps)
             row = {"method": method, "backbone": kind, "arch": BACKBONES[mode][kind]["arch"],
                    "baseline": BASELINE_KIND[method], "baseline_parts": what, "shape": shape,
@@ -641,13 +662,16 @@ def main(argv: list[str] | None = None) -> int:
         load = " / ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
     except OSError:
         load = "n/a"
-    name = "methods_quick" if args.quick else "methods"
+    name = ("methods_fused_adamw" if args.engine_optimizer == "fused" else "methods") + \
+        ("_quick" if args.quick else "")
     cmd = "OMP_NUM_THREADS=1 python benchmarks/bench_methods.py" + (" --quick" if args.quick else "") + \
         (f" --methods {' '.join(methods)}" if args.methods else "") + \
         (f" --backbones {' '.join(args.backbones)}" if args.backbones != ["vit", "cnn"] else "") + \
         (f" --batch {batch}" if args.batch else "") + (f" --reps {reps}" if args.reps else "") + \
-        (f" --warmup {warmup}" if args.warmup is not None else "")
-    result = {"command": cmd, "mode": mode, "batch": batch, "reps": reps, "warmup": warmup,
+        (f" --warmup {warmup}" if args.warmup is not None else "") + \
+        (" --engine-optimizer fused" if args.engine_optimizer == "fused" else "")
+    result = {"command": cmd, "mode": mode, "engine_optimizer": args.engine_optimizer, "batch": batch, "reps": reps,
+              "warmup": warmup,
               "backbones": BACKBONES[mode], "sizes": sizes, "threads": torch.get_num_threads(),
               "platform": platform.platform(), "torch": torch.__version__, "load_average_at_end": load,
               "wall_s": time.perf_counter() - t_start, "rows": rows}
@@ -655,11 +679,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{name}.json", result)
     vit, cnn = BACKBONES[mode]["vit"], BACKBONES[mode]["cnn"]
-    md = [f"# Training step per method: dinoflow engine vs lightly ({mode})", "",
+    what_if = (" -- what-if: the engine's AdamW with fused=True, the baseline's plain AdamW"
+               if args.engine_optimizer == "fused" else "")
+    md = [f"# Training step per method: dinoflow engine vs lightly ({mode}){what_if}", "",
           f"Command: `{cmd}`  ",
           f"Backbones: ViT `{vit['arch']}` {vit['kwargs']}, CNN `{cnn['arch']}` {cnn['kwargs'] or '(timm default)'}; "
-          f"batch {batch}; two {sizes['global_crop_size']} px views (SwAV, DINO: + {sizes['n_local_crops']} x "
-          f"{sizes['local_crop_size']} px local crops); heads: each method's "
+          f"batch {batch}; views per image as each method's view maker makes them (column `views`: count x px; "
+          f"global crops {sizes['global_crop_size']} px, SwAV / DINO + {sizes['n_local_crops']} local crops of "
+          f"{sizes['local_crop_size']} px), the same tensors on both sides; heads: each method's "
           f"{'quick-mode' if mode == 'quick' else 'default'} `methods.<name>` sizes on both sides; AdamW, "
           f"clip_grad 3.0 on both sides; CPU, {torch.get_num_threads()} thread, {warmup} warm-up step(s) per side, "
           f"median of {reps} alternating repetitions; load average at the end {load} on the shared 2-core machine.",
@@ -669,11 +696,12 @@ def main(argv: list[str] | None = None) -> int:
           "jobs take); wall-clock figures are in the JSON and in the last column. ratio = dinoflow images/s / "
           "baseline images/s, the median of the paired per-repetition ratios, with its 95% bootstrap interval over "
           "the repetitions; >= 1.00 means dinoflow is at least as fast.", "",
-          "| method | backbone | baseline | dinoflow step (s) | baseline step (s) | dinoflow img/s | baseline img/s "
-          "| ratio | 95% CI | wall-clock ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+          "| method | backbone | views | baseline | dinoflow step (s) | baseline step (s) | dinoflow img/s | "
+          "baseline img/s | ratio | 95% CI | wall-clock ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["cpu"]
-        md.append(f"| {r['method']} | {r['backbone']} | {r['baseline']} | {c['median_step_s']['dinoflow']:.3f} | "
+        md.append(f"| {r['method']} | {r['backbone']} | {views_label(r['shape']['views'])} | {r['baseline']} | "
+                  f"{c['median_step_s']['dinoflow']:.3f} | "
                   f"{c['median_step_s']['baseline']:.3f} | {c['images_per_s']['dinoflow']:.1f} | "
                   f"{c['images_per_s']['baseline']:.1f} | {c['ratio']:.2f} | "
                   f"[{c['ratio_ci95'][0]:.2f}, {c['ratio_ci95'][1]:.2f}] | {r['wall']['ratio']:.2f} |")

@@ -46,7 +46,7 @@ def test_quick_mode_on_one_method_writes_json_and_markdown(bench, tmp_path):
         assert math.isclose(r["images_per_s"]["dinoflow"], 8 / r["median_step_s"]["dinoflow"], rel_tol=1e-9)
     md = (tmp_path / "methods_quick.md").read_text(encoding="utf-8")
     assert "--quick --methods simclr --backbones vit --reps 2" in md
-    assert "| simclr | vit | lightly |" in md
+    assert "| simclr | vit | 2x56 | lightly |" in md
 
 
 def test_unknown_method_is_refused(bench, tmp_path):
@@ -60,3 +60,8 @@ def test_bootstrap_interval_of_the_median(bench):
     assert lo == hi == 1.0
     lo, hi = bench.bootstrap_ci([0.9, 1.0, 1.1, 1.2, 1.3])
     assert 0.9 <= lo <= 1.1 <= hi <= 1.3
+
+
+def test_views_label_groups_consecutive_sizes(bench):
+    assert bench.views_label([[3, 56, 56], [3, 56, 56], [3, 28, 28], [3, 28, 28], [3, 28, 28]]) == "2x56 + 3x28"
+    assert bench.views_label([[3, 42, 42]] * 9) == "9x42"

@@ -66,7 +66,7 @@ BACKBONES = {
 }
 # Crops (px) and batch per mode; multi-crop methods (SwAV, DINO) add `n_local_crops` local crops.
 SIZES = {
-    "full": {"batch": 32, "global_crop_size": 56, "local_crop_size": 28, "n_local_crops": 4, "reps": 7, "warmup": 1},
+    "full": {"batch": 32, "global_crop_size": 56, "local_crop_size": 28, "n_local_crops": 4, "reps": 9, "warmup": 1},
     "quick": {"batch": 8, "global_crop_size": 56, "local_crop_size": 28, "n_local_crops": 2, "reps": 3, "warmup": 1},
 }
 # Quick mode shrinks the heads too (the same sizes on both sides; the defaults are sized for real runs).
@@ -612,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="*", default=None, help=f"default: all of {', '.join(BASELINES)}")
     ap.add_argument("--backbones", nargs="*", default=["vit", "cnn"], choices=["vit", "cnn"])
     ap.add_argument("--batch", type=int, default=None, help="images per step (default 32; quick 8)")
-    ap.add_argument("--reps", type=int, default=None, help="timed steps per side (default 7; quick 3)")
+    ap.add_argument("--reps", type=int, default=None, help="timed steps per side (default 9; quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per side first (default 1)")
     ap.add_argument("--out", default=str(HERE / "results"), help="results folder")
     ap.add_argument("--engine-optimizer", choices=["default", "fused"], default="default",

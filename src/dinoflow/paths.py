@@ -5,6 +5,7 @@ from __future__ import annotations
 
 MANIFEST = "data/interim/manifest.parquet"
 INGEST_SUMMARY = "metrics/ingest.json"
+IMAGE_LISTING = "data/interim/image_listing.tsv"  # path, size, mtime of every image (Snakemake re-run trigger)
 PROCESSED_DIR = "data/processed/images"          # Parquet shards of encoded 256 px images
 PROCESSED_INDEX = "data/processed/index.parquet"  # id -> shard, row (one row per ok image)
 
@@ -66,6 +67,16 @@ def align_metrics(model: str) -> str:
 
 def probe_metrics(model: str) -> str:
     return f"metrics/probes/{model}.json"
+
+
+def probe_items(model: str) -> str:
+    """Parquet: per test image of each label column, tie-aware kNN / linear correctness at top-1 and top-5."""
+    return f"metrics/items/probes/{model}.parquet"
+
+
+def align_items(model: str) -> str:
+    """Parquet: per image of each text field, its tie-aware mutual-kNN overlap."""
+    return f"metrics/items/align/{model}.parquet"
 
 
 def health_metrics(model: str) -> str:

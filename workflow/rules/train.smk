@@ -32,15 +32,18 @@ def train_log(name):
 if any(uses_lr_search(m) for m in MODELS):
 
     rule lr_search:
-        """Optuna (TPE + pruning) over the scratch learning rate; best values in best.json."""
+        """Optuna (TPE) over the scratch learning rate of the searched method, each trial judged on a grouped held-out
+        slice (kNN top-1 of the first label column, else RankMe); best values in best.json."""
         input:
             PROCESSED,
+            groups=paths.GROUPS,
+            manifest=paths.MANIFEST,
         output:
             best=paths.LR_SEARCH_BEST,
             trials=plot(paths.LR_SEARCH_TRIALS),
             figure=report(plot(paths.LR_SEARCH_PLOT), caption="../report/lr_search.rst", category="Training"),
         params:
-            **sections("seed", "models", "backbone", "train", "lr_search"),
+            **sections("seed", "models", "backbone", "train", "lr_search", "probes", "collection"),
             methods=method_section(dinoflow_config.lr_search_method(config)),
         log:
             f"{LOG}/lr_search.log",

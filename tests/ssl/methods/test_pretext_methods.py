@@ -216,3 +216,13 @@ def test_batches_depend_only_on_the_seed(method, images):
         torch.testing.assert_close(x, y)
     for k in a.targets:
         torch.testing.assert_close(a.targets[k], b.targets[k])
+
+
+@pytest.mark.parametrize("method", ["jigsaw", "mae"])
+def test_batches_are_the_same_with_dataloader_workers(method, images):
+    a = _first_batch(_engine(method, "vit", images))
+    b = _first_batch(_engine(method, "vit", images, num_workers=2))  # view makers pickled into worker processes
+    for x, y in zip(a.views, b.views):
+        torch.testing.assert_close(x, y)
+    for k in a.targets:
+        torch.testing.assert_close(a.targets[k], b.targets[k])

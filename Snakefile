@@ -17,7 +17,9 @@ configfile: "params.yaml"
 report: "workflow/report/workflow.rst"
 
 
-validate(config, "workflow/schemas/params.schema.yaml")
+# set_default=False: the config must stay equal to params.yaml (common.smk checks); the stages fill the schema's
+# defaults themselves when they parse their sections (dinoflow.config.with_defaults).
+validate(config, "workflow/schemas/params.schema.yaml", set_default=False)
 
 
 include: "workflow/rules/common.smk"

@@ -27,8 +27,9 @@ def tiny_params(collection: dict) -> dict:
     params["backbone"].update({"img_size": 28, "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}})
     params["pretrained"]["img_size"] = 32
     params["train"].update({"epochs": 2, "batch_size": 8, "global_crop_size": 28, "local_crop_size": 14,
-                            "n_local_crops": 2, "out_dim": 64, "head_hidden_dim": 32, "head_bottleneck_dim": 16,
-                            "warmup_epochs": 1, "warmup_teacher_temp_epochs": 1})
+                            "n_local_crops": 2, "warmup_epochs": 1})
+    params["methods"]["dinov2"].update({"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16,
+                                        "warmup_teacher_temp_epochs": 1})
     params["lr_search"].update({"n_trials": 2, "max_steps": 2})
     params["embed"]["batch_size"] = 8
     params["neighbours"].update({"k": 3, "grid_random_queries": 2, "grid_k": 3})

@@ -51,6 +51,39 @@ def validate_params(params: dict[str, Any], source: str = "params") -> None:
                 allowed = f" (allowed: {', '.join(map(str, err.schema['enum']))})"
             lines.append(f"  {key}: {err.message}{allowed}")
         raise ConfigError(f"{source}: invalid parameters\n" + "\n".join(lines))
+    validate_methods(params, source)
+
+
+def validate_methods(params: dict[str, Any], source: str = "params") -> None:
+    """What the static schema cannot check: every `models[].method` is `none` or a registered method, every
+    `methods.<name>` section fits that method's Config, and the lr-search choices are coherent."""
+    methods = {m.get("method") for m in params.get("models") or []} - {"none", None}
+    sections = params.get("methods") or {}
+    if not methods and not sections:
+        return
+    from dinoflow.ssl.methods.base import available_methods, get_method, parse_config
+
+    known = available_methods()
+    for i, m in enumerate(params.get("models") or []):
+        if m.get("method") not in ("none", None) and m["method"] not in known:
+            raise ConfigError(f"{source}: models.{i}.method: {m['method']!r} is not a registered method (known: none, "
+                              f"{', '.join(known)})")
+    for name in sorted(set(sections) - set(known)):
+        raise ConfigError(f"{source}: methods.{name}: {name!r} is not a registered method (known: "
+                          f"{', '.join(known)})")
+    for name, section in sections.items():
+        try:
+            parse_config(get_method(name), section)
+        except DinoflowError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+    searched = (params.get("lr_search") or {}).get("method")
+    if searched and searched not in known:
+        raise ConfigError(f"{source}: lr_search.method: {searched!r} is not a registered method")
+    for m in params.get("models") or []:
+        try:
+            uses_lr_search(params, m["name"])
+        except DinoflowError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
 
 
 def _schema() -> dict[str, Any]:
@@ -97,3 +130,42 @@ def params_hash(params: dict[str, Any], keys: list[str] | None = None) -> str:
     sub = params if keys is None else {k: params.get(k) for k in keys}
     blob = json.dumps(sub, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def trains(params: dict[str, Any], name: str) -> bool:
+    """Whether a model trains (its method is not `none`)."""
+    return model_config(params, name)["method"] != "none"
+
+
+def lr_search_method(params: dict[str, Any]) -> str | None:
+    """The method the learning-rate search runs: `lr_search.method`, else that of the first model trained from
+    random weights (None when no model trains from random weights)."""
+    chosen = (params.get("lr_search") or {}).get("method")
+    if chosen:
+        return chosen
+    for m in params["models"]:
+        if m["init"] == "random" and m["method"] != "none":
+            return m["method"]
+    return None
+
+
+def uses_lr_search(params: dict[str, Any], name: str) -> bool:
+    """THE answer to "does this model take its lr (and weight decay) from the lr search?" (training, Snakemake
+    and the report all ask here).
+
+    `lr_from_search` on the model when given, else: trains from random weights with the searched method. A
+    fine-tune or a model of another method than the search's cannot use it (ConfigError naming the model).
+    """
+    cfg = model_config(params, name)
+    default = cfg["init"] == "random" and cfg["method"] != "none" and cfg["method"] == lr_search_method(params)
+    use = bool(cfg.get("lr_from_search", default))
+    if use:
+        if cfg["method"] == "none":
+            raise ConfigError(f"models[{name}].lr_from_search: the model does not train (method: none)")
+        if cfg["init"] != "random":
+            raise ConfigError(f"models[{name}].lr_from_search: the lr search tunes the lr of training from random "
+                              "weights; a fine-tune takes finetune.lr_head / lr_backbone (remove lr_from_search)")
+        if cfg["method"] != lr_search_method(params):
+            raise ConfigError(f"models[{name}].lr_from_search: the lr search runs method "
+                              f"{lr_search_method(params)!r} (lr_search.method), not {cfg['method']!r}")
+    return use

@@ -43,7 +43,7 @@ def test_info_has_the_documented_fields(params):
     _, info = create_encoder(params, "scratch")
     assert set(info) == {"name", "arch", "init", "method", "trainable", "weights_source", "stand_in",
                          "stand_in_label", "params_hash", "img_size", "timm_kwargs"}
-    assert (info["name"], info["init"], info["method"], info["trainable"]) == ("scratch", "random", "dino", "all")
+    assert (info["name"], info["init"], info["method"], info["trainable"]) == ("scratch", "random", "dinov2", "all")
 
 
 def test_pretrained_stand_in_from_package(params):
@@ -73,7 +73,7 @@ def test_save_load_round_trip_exact(params, tmp_path: Path, monkeypatch):
 
 def test_init_from_another_model(params, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    params["models"].append({"name": "continued", "init": "scratch", "method": "dino", "trainable": "last1"})
+    params["models"].append({"name": "continued", "init": "scratch", "method": "dinov2", "trainable": "last1"})
     with pytest.raises(DinoflowError, match="models/scratch"):
         create_encoder(params, "continued")  # parent not trained yet
     parent, parent_info = create_encoder(params, "scratch")

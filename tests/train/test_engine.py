@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import sys
 from pathlib import Path
@@ -136,3 +137,27 @@ def test_head_warmup_longer_than_the_run_is_refused(images):
     with pytest.raises(DinoflowError, match="head_warmup_epochs"):
         make_engine(RunSpec("simclr", SMALL["simclr"], "last1", tiny_train_config(epochs=2), ft, 0),
                     tiny_encoder("vit"), images)
+
+
+@pytest.mark.parametrize("method", sorted(SMALL))
+def test_every_method_fine_tunes_the_last_block_of_a_cnn_after_the_head_warmup(method, images):
+    """`init: pretrained` + `trainable: last1` with any method: epoch 0 leaves the whole backbone untouched (its
+    BatchNorm statistics too), epoch 1 changes only the last stage (+ the final conv / norm) of the backbone."""
+    ft = FinetuneConfig(head_warmup_epochs=1, lr_head=0.01, lr_backbone=0.01, layer_decay=1.0)
+    spec = RunSpec(method, SMALL[method], "last1", tiny_train_config(epochs=2), ft, 0)
+    eng = make_engine(spec, tiny_encoder("cnn"), images)
+    bb = eng.method.backbone
+    _, blocks, tail = bb.block_groups()
+    last = set(blocks[-1] + tail)
+    states, values = [{k: v.clone() for k, v in bb.state_dict().items()}], []
+    for it, v in eng.steps():
+        values.append(v)
+        if (it + 1) % eng.steps_per_epoch == 0:
+            states.append({k: v.clone() for k, v in bb.state_dict().items()})
+    assert len(values) == 4 and all(math.isfinite(v["loss/total"]) for v in values)
+    assert {g["schedule"] for g in eng.optimizer.param_groups} == {"lr_head", "lr_backbone"}
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # head warm-up: backbone untouched
+    changed = {k for k in states[0] if not torch.equal(states[1][k], states[2][k])}
+    assert changed and all(k in last or k.rsplit(".", 1)[0] + ".weight" in last for k in changed), sorted(changed)
+    params = dict(bb.named_parameters())
+    assert all(not torch.equal(states[1][k], states[2][k]) for k in last if k in params and "weight" in k)

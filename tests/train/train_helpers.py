@@ -33,7 +33,7 @@ def make_env(root: Path) -> tuple[dict, list]:
     collection = make_tiny_collection(root / "collection", n=24, size=64)
     params = _tiny_params()(collection)
     params["models"].insert(0, {"name": "base", "init": "random", "method": "none", "trainable": "none"})
-    params["models"].append({"name": "vit_ft", "init": "base", "method": "dino", "trainable": "last1"})
+    params["models"].append({"name": "vit_ft", "init": "base", "method": "dinov2", "trainable": "last1"})
     images = [Image.open(p).convert("RGB") for p in sorted(Path(collection["images_dir"]).glob("*.png"))]
     ws = root / "ws"
     (ws / "models" / "lr_search").mkdir(parents=True, exist_ok=True)
@@ -42,7 +42,7 @@ def make_env(root: Path) -> tuple[dict, list]:
 
 
 def ddp_worker(rank: int, world_size: int, port: int, params: dict, images: list, n_steps: int, out: str) -> None:
-    """One process of a gloo group: `n_steps` DINO steps of the scratch model; losses saved by rank 0."""
+    """One process of a gloo group: `n_steps` DINOv2 steps of the scratch model; losses saved by rank 0."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -57,34 +57,34 @@ def ddp_worker(rank: int, world_size: int, port: int, params: dict, images: list
         cleanup()
 
 
-def run_steps(params: dict, images: list, n_steps: int, ctx=None) -> dict:
-    """Build the scratch trainer and run its first `n_steps` steps over the real data path."""
+def scratch_engine(params: dict, images: list, ctx=None, model: str = "scratch"):
+    """The engine of `model` (DINOv2) as `dinoflow train` builds it, with Xavier-initialised ViT weights.
+
+    timm's ViT init (std 0.02) maps every image to almost the same CLS token (distances ~1e-6), where KoLeo's
+    -log(distance) turns float rounding (which differs between batch sizes) into % differences. Xavier weights let
+    the image content reach the CLS token, so comparisons test the algorithm.
+    """
     from dinoflow.models.factory import create_encoder
-    from dinoflow.ssl.augment import MultiCropAugmentation
-    from dinoflow.train import dino
+    from dinoflow.train.engine import make_engine
+    from dinoflow.train.run import run_spec
     from dinoflow.utils import seed_everything
 
-    t = params["train"]
     seed_everything(params["seed"])
-    encoder, _ = create_encoder(params, "scratch")
+    encoder, _ = create_encoder(params, model)
     with torch.no_grad():
-        # timm's ViT init (std 0.02) maps every image to almost the same CLS token (distances ~1e-6), where
-        # KoLeo's -log(distance) turns float rounding (which differs between batch sizes) into % differences.
-        # Xavier weights let the image content reach the CLS token, so the comparison tests the algorithm.
         for m in encoder.modules():
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
                 torch.nn.init.xavier_uniform_(m.weight)
-    spe = dino.steps_per_epoch(len(images), t)
-    trainer = dino.DinoTrainer(params, encoder, trainable="all", finetune=False, epochs=t["epochs"],
-                               steps_per_epoch=spe, ctx=ctx)
-    rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
-    sampler = dino.GlobalBatchSampler(len(images), t["batch_size"], spe, params["seed"], rank, world)
-    loader, dataset = dino.make_loader(images, MultiCropAugmentation.from_params(t), sampler, params["seed"], 0)
-    values = []
-    for step, batch in enumerate(loader):
-        if step == n_steps:
-            break
-        masks = trainer.local_masks(sampler.global_batch(0, step), 0)
-        values.append(trainer.train_step(batch, step, masks))
-    return {"values": values, "teacher": {k: v.clone() for k, v in trainer.teacher.state_dict().items()},
-            "student": {k: v.clone() for k, v in trainer.student.state_dict().items()}}
+    return make_engine(run_spec(params, model), encoder, images, ctx)
+
+
+def run_steps(params: dict, images: list, n_steps: int, ctx=None) -> dict:
+    """Build the scratch engine and run its first `n_steps` steps over the real data path."""
+    engine = scratch_engine(params, images, ctx)
+    values = [v for _, v in engine.steps(0, n_steps)]
+    m = engine.method
+    return {"values": values,
+            "teacher": {k: v.clone() for k, v in {**{f"backbone.{k}": v for k, v in m.teacher_backbone.state_dict().items()},
+                                                  **{f"head.{k}": v for k, v in m.teacher_head.state_dict().items()}}.items()},
+            "student": {k: v.clone() for k, v in {**{f"backbone.{k}": v for k, v in m.backbone.state_dict().items()},
+                                                  **{f"head.{k}": v for k, v in m.head.state_dict().items()}}.items()}}

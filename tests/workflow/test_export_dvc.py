@@ -135,3 +135,21 @@ def test_dvc_reads_the_generated_file_as_the_same_dag(tiny_workspace):
             assert set(outs) == set(spec.outs + spec.metrics + spec.plots), spec.rule
             assert all(outs[p].metric and not outs[p].use_cache for p in spec.metrics)
             assert all(outs[p].plot and not outs[p].use_cache for p in spec.plots)
+
+
+def test_each_model_tracks_only_its_own_method_section(tiny_workspace):
+    """methods.<name> is a params entry of the models of that method only (Snakemake and DVC alike), so editing
+    one method's knob re-runs only its models; whether a model reads the lr search is the config's one answer."""
+    ws = link_workflow(tiny_workspace)
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["models"].append({"name": "simclr_scratch", "init": "random", "method": "simclr", "trainable": "all"})
+    params["methods"]["simclr"] = {"temperature": 0.3}
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    by = {(s.rule, s.wildcards.get("model")): s for s in jobs(ws)}
+    assert "methods.simclr" in by[("train", "simclr_scratch")].params
+    assert "methods.dinov2" not in by[("train", "simclr_scratch")].params
+    assert "methods.dinov2" in by[("train", "scratch")].params
+    assert "methods.simclr" not in by[("train", "scratch")].params
+    assert paths.LR_SEARCH_BEST in by[("train", "scratch")].deps  # dinov2 is the searched method
+    assert paths.LR_SEARCH_BEST not in by[("train", "simclr_scratch")].deps  # another method: its train.lr
+    assert "methods.dinov2" in by[("lr_search", None)].params

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow
 # One model per kind of job: init_model (random), lr_search + train from scratch, a partial fine-tune.
 MODELS = [
     {"name": "random", "init": "random", "method": "none", "trainable": "none"},
-    {"name": "scratch", "init": "random", "method": "dino", "trainable": "all"},
-    {"name": "ft_last1", "init": "pretrained", "method": "dino", "trainable": "last1"},
+    {"name": "scratch", "init": "random", "method": "dinov2", "trainable": "all"},
+    {"name": "ft_last1", "init": "pretrained", "method": "dinov2", "trainable": "last1"},
 ]
 # (section, key, value): read by the report only; by the probes of every model; by nobody (demo disabled).
 SNAKEMAKE_EDITS = [("report", "title", "another title"), ("probes", "knn_k", 3), ("demo", "limit", 7)]

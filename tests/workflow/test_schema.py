@@ -44,12 +44,15 @@ def test_every_committed_key_is_in_the_schema(params):
 @pytest.mark.parametrize("path, value, allowed", [
     (("preprocess", "mode"), "stretch", ["crop", "pad"]),
     (("pretrained", "source"), "internet", ["package", "hub", "file"]),
-    (("train", "centering"), "mean", ["centering", "sinkhorn_knopp"]),
+    (("methods", "dinov2", "centering"), "mean", ["centering", "sinkhorn_knopp"]),  # the method's Config
     (("embed", "device"), "tpu", ["auto", "cpu", "cuda"]),
 ])
 def test_bad_enum_names_key_and_allowed_values(params, path, value, allowed):
     bad = copy.deepcopy(params)
-    bad[path[0]][path[1]] = value
+    section = bad
+    for key in path[:-1]:
+        section = section[key]
+    section[path[-1]] = value
     with pytest.raises(ConfigError) as exc:
         validate_params(bad, source="params.yaml")
     msg = str(exc.value)
@@ -59,9 +62,10 @@ def test_bad_enum_names_key_and_allowed_values(params, path, value, allowed):
 
 
 @pytest.mark.parametrize("entry, key", [
-    ({"name": "m", "init": "random", "method": "byol", "trainable": "all"}, "models.0.method"),
-    ({"name": "m", "init": "random", "method": "dino", "trainable": "last"}, "models.0.trainable"),
-    ({"name": "m", "init": "random", "method": "dino", "trainable": "first2"}, "models.0.trainable"),
+    ({"name": "m", "init": "random", "method": "byol2", "trainable": "all"}, "models.0.method"),  # not registered
+    ({"name": "m", "init": "random", "method": "BYOL", "trainable": "all"}, "models.0.method"),
+    ({"name": "m", "init": "random", "method": "dinov2", "trainable": "last"}, "models.0.trainable"),
+    ({"name": "m", "init": "random", "method": "dinov2", "trainable": "first2"}, "models.0.trainable"),
     ({"name": "bad name", "init": "random", "method": "none", "trainable": "none"}, "models.0.name"),
     ({"name": "m", "init": "random", "method": "none"}, "models.0"),
     ({"name": "m", "init": "random", "method": "none", "trainable": "none", "lr": 1}, "models.0"),
@@ -74,8 +78,8 @@ def test_bad_model_entries(params, entry, key):
 
 
 @pytest.mark.parametrize("entry", [
-    {"name": "m", "init": "random", "method": "dino", "trainable": "last12"},
-    {"name": "m2", "init": "scratch", "method": "dino", "trainable": "all"},
+    {"name": "m", "init": "random", "method": "dinov2", "trainable": "last12"},
+    {"name": "m2", "init": "scratch", "method": "dinov2", "trainable": "all"},
     {"name": "m3", "init": "pretrained", "method": "none", "trainable": "none"},
 ])
 def test_good_model_entries(params, entry):
@@ -112,11 +116,11 @@ def test_snakemake_reports_the_bad_key_and_allowed_values(tiny_workspace):
 
 
 def test_dinoflow_cli_reports_the_bad_key(tiny_workspace):
-    edit_params(tiny_workspace, "train", "centering", "mean")
+    edit_params(tiny_workspace, "methods", "dinov2", {"centering": "mean"})
     proc = subprocess.run([str(BIN / "dinoflow"), "ingest"], cwd=tiny_workspace, env=env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "train.centering" in proc.stderr and "centering, sinkhorn_knopp" in proc.stderr, proc.stderr
+    assert "methods.dinov2.centering" in proc.stderr and "centering, sinkhorn_knopp" in proc.stderr, proc.stderr
 
 
 def test_snakemake_refuses_config_that_differs_from_params_yaml(tiny_workspace):

@@ -9,6 +9,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.io import flag
 
 from dinoflow import paths
+from dinoflow import config as dinoflow_config
 from dinoflow.config import model_config, model_names
 
 # The stage commands read params.yaml themselves, so a value given with --config / --configfile would change
@@ -67,19 +68,31 @@ def arch_section(model):
 
 
 def trains(model):
-    return model_config(config, model)["method"] != "none"
+    return dinoflow_config.trains(config, model)
 
 
 def uses_lr_search(model):
-    """Models trained from scratch take their learning rate from the learning-rate search."""
-    m = model_config(config, model)
-    return m["method"] != "none" and m["init"] == "random"
+    """Whether a model takes its lr from the lr search: dinoflow.config.uses_lr_search, the one place it is decided
+    (the train stage asks the same function)."""
+    return dinoflow_config.uses_lr_search(config, model)
 
 
 def is_finetune(model):
     """Models that continue training from existing weights use the `finetune` section (head warm-up, lrs)."""
     m = model_config(config, model)
     return m["method"] != "none" and m["init"] != "random"
+
+
+def method_section(method):
+    """`params:` value of a method's own knobs, keyed by its params.yaml path (`methods.<name>`), which export-dvc
+    turns into that DVC params key; None when params.yaml has no section for it (the method's defaults)."""
+    sections = config.get("methods") or {}
+    return {f"methods.{method}": sections[method]} if method in sections else None
+
+
+def model_method_section(wildcards):
+    """The `methods.<name>` section of the model's method: editing one method's knobs re-runs only its models."""
+    return method_section(model_config(config, wildcards.model)["method"])
 
 
 def if_model(pred, section):
@@ -96,5 +109,5 @@ def model_log(stage):
     return f"{LOG}/{stage}/{{model}}.log"
 
 
-DINO_MODELS = [m for m in MODELS if trains(m)]
+TRAINED_MODELS = [m for m in MODELS if trains(m)]
 PLAIN_MODELS = [m for m in MODELS if not trains(m)]

@@ -64,8 +64,8 @@ rule report:
             else []
         ),
         info=expand(paths.model_info("{model}"), model=MODELS),
-        train=expand(paths.train_log_dir("{model}") + "/metrics.json", model=DINO_MODELS),
-        train_plots=expand(paths.train_log_dir("{model}") + "/plots", model=DINO_MODELS),
+        train=expand(paths.train_log_dir("{model}") + "/metrics.json", model=TRAINED_MODELS),
+        train_plots=expand(paths.train_log_dir("{model}") + "/plots", model=TRAINED_MODELS),
         align=expand(paths.align_metrics("{model}"), model=MODELS),
         probes=expand(paths.probe_metrics("{model}"), model=MODELS),
         grids=paths.GRIDS_DIR,

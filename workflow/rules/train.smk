@@ -1,6 +1,7 @@
 # Training stages: the learning-rate search for scratch training, then one `train` job per model of the list.
-# Models with `method: none` (random, pretrained) only materialise their weights; `dino` models train and log
-# with dvclive under metrics/train/<model>. Their outputs differ, so they are two rules over the same command.
+# Models with `method: none` (random, pretrained) only materialise their weights; models with a method (any
+# registered SSL method) train on the engine and log with dvclive under metrics/train/<model>. Their outputs
+# differ, so they are two rules over the same command.
 
 PROCESSED = [paths.PROCESSED_DIR, paths.PROCESSED_INDEX]
 
@@ -40,6 +41,7 @@ if any(uses_lr_search(m) for m in MODELS):
             figure=report(plot(paths.LR_SEARCH_PLOT), caption="../report/lr_search.rst", category="Training"),
         params:
             **sections("seed", "models", "backbone", "train", "lr_search"),
+            methods=method_section(dinoflow_config.lr_search_method(config)),
         log:
             f"{LOG}/lr_search.log",
         conda:
@@ -80,7 +82,8 @@ rule init_model:
 
 
 rule train:
-    """DINOv2-style training: from scratch (lr from the search) or a partial fine-tune of existing weights."""
+    """Self-supervised training of one model with its method: from scratch (lr from the search when the model uses
+    it) or a partial fine-tune of existing weights."""
     input:
         PROCESSED,
         pretrained_file,
@@ -93,7 +96,7 @@ rule train:
         metrics=metric(train_log("metrics.json")),
         plots=plot(directory(train_log("plots"))),
     wildcard_constraints:
-        model="|".join(re.escape(m) for m in DINO_MODELS) or "^$",
+        model="|".join(re.escape(m) for m in TRAINED_MODELS) or "^$",
     params:
         seed=config["seed"],
         models=model_entry,
@@ -101,6 +104,7 @@ rule train:
         pretrained=arch_params("pretrained"),
         train=config["train"],
         finetune=if_model(is_finetune, "finetune"),
+        methods=model_method_section,
     log:
         model_log("train"),
     conda:

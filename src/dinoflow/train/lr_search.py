@@ -1,7 +1,7 @@
 """`dinoflow lr-search`: Optuna search of the scratch learning rate (optionally weight decay, teacher temperature).
 
-Each trial is a short DINO run of the scratch architecture (`backbone`) with the same `DinoTrainer.train_step` as
-training, `lr_search.max_steps` steps over `lr_search.epochs` epochs. The TPE sampler is seeded; a MedianPruner
+Each trial is a short run of the searched method (`lr_search.method`) on the scratch architecture (`backbone`) on
+the same engine as training (`dinoflow.train.engine`), `lr_search.max_steps` steps over `lr_search.epochs` epochs. The TPE sampler is seeded; a MedianPruner
 stops trials whose running loss is worse than the median of earlier trials at the same step. The objective is the
 mean loss of the last quarter of a trial's steps. Outputs: the trial table (`paths.LR_SEARCH_TRIALS`), the loss
 curves per trial (`paths.LR_SEARCH_PLOT`) and the best values (`paths.LR_SEARCH_BEST`, read by scratch training).
@@ -9,6 +9,7 @@ curves per trial (`paths.LR_SEARCH_PLOT`) and the best values (`paths.LR_SEARCH_
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -16,16 +17,21 @@ from typing import Any
 import numpy as np
 
 from dinoflow import paths
+from dinoflow.config import lr_search_method
 from dinoflow.errors import DinoflowError
+from dinoflow.ssl.methods.base import get_method
+from dinoflow.train.config import TrainConfig
+from dinoflow.train.engine import RunSpec, make_engine, with_lr
 from dinoflow.utils import get_logger, seed_everything, write_json
 
 log = get_logger(__name__)
 
 
 def _scratch_model(params: dict[str, Any]) -> str:
-    """A model of the list trained from random weights (its entry gives `trainable`), for create_encoder."""
+    """A model of the list trained from random weights with the searched method (its entry gives `trainable`)."""
+    method = lr_search_method(params)
     for m in params["models"]:
-        if m["init"] == "random" and m.get("method", "none") != "none":
+        if m["init"] == "random" and m["method"] == method:
             return m["name"]
     for m in params["models"]:
         if m["init"] == "random":
@@ -33,47 +39,53 @@ def _scratch_model(params: dict[str, Any]) -> str:
     raise DinoflowError("models: the lr search needs a model with init: random (its architecture is `backbone`)")
 
 
-def run_trial(params: dict[str, Any], images: Any, lr: float, weight_decay: float | None = None,
-              teacher_temp: float | None = None, report=None) -> list[float]:
-    """One short run; `report(step, loss)` is called after each step (Optuna pruning). Returns the loss curve."""
-    from dinoflow.models.factory import create_encoder
-    from dinoflow.ssl.augment import MultiCropAugmentation
-    from dinoflow.train import dino
-
-    s, t = params["lr_search"], params["train"]
+def trial_spec(params: dict[str, Any], lr: float, weight_decay: float | None = None,
+               teacher_temp: float | None = None) -> RunSpec:
+    """The `RunSpec` of one trial: the searched method from scratch, `lr_search.epochs` epochs of at most
+    ceil(max_steps / epochs) steps, at the trial's lr (and weight decay / teacher temperature)."""
+    s = params["lr_search"]
+    method = lr_search_method(params)
+    if method is None:
+        raise DinoflowError("lr_search.method: not set and no model trains from random weights")
+    section = dict((params.get("methods") or {}).get(method) or {})
+    if teacher_temp is not None:
+        if "teacher_temp" not in {f.name for f in dataclasses.fields(get_method(method).Config)}:
+            raise DinoflowError(f"lr_search.search_teacher_temp: method {method!r} has no teacher temperature")
+        section["teacher_temp"] = float(teacher_temp)
     epochs, max_steps = int(s["epochs"]), int(s["max_steps"])
     per_epoch = max(1, math.ceil(max_steps / epochs))
-    t = dict(t, max_steps_per_epoch=min(per_epoch, int(t.get("max_steps_per_epoch") or per_epoch)))
-    n_steps = dino.steps_per_epoch(len(images), t)
-    seed = int(params["seed"])
-    seed_everything(seed)  # every trial starts from the same weights and sees the same data
+    train = TrainConfig.from_params(params)
+    train = dataclasses.replace(with_lr(train, lr, weight_decay), epochs=epochs,
+                                max_steps_per_epoch=min(per_epoch, train.max_steps_per_epoch or per_epoch))
+    return RunSpec(method=method, method_section=section, trainable="all", train=train, finetune=None,
+                   seed=int(params["seed"]))
+
+
+def run_trial(params: dict[str, Any], images: Any, lr: float, weight_decay: float | None = None,
+              teacher_temp: float | None = None, report=None) -> list[float]:
+    """One short run on the engine; `report(step, loss)` is called after each step (Optuna pruning). Returns the
+    loss curve (ending with inf when the run diverged)."""
+    from dinoflow.models.factory import create_encoder
+
+    spec = trial_spec(params, lr, weight_decay, teacher_temp)
+    seed_everything(spec.seed)  # every trial starts from the same weights and sees the same data
     encoder, _ = create_encoder(params, _scratch_model(params))
-    trainer = dino.DinoTrainer(dict(params, train=t), encoder, trainable="all", finetune=False, epochs=epochs,
-                               steps_per_epoch=n_steps, lr=lr, weight_decay=weight_decay, teacher_temp=teacher_temp)
-    augmentation = MultiCropAugmentation.from_params(t, mean=encoder.data_config["mean"],
-                                                     std=encoder.data_config["std"])
-    sampler = dino.GlobalBatchSampler(len(images), int(t["batch_size"]), n_steps, seed)
-    loader, dataset = dino.make_loader(images, augmentation, sampler, seed, int(t.get("num_workers", 0)))
+    engine = make_engine(spec, encoder, images)
     losses: list[float] = []
-    for epoch in range(epochs):
-        trainer.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        for step, batch in enumerate(loader):
-            it = epoch * n_steps + step
-            if it >= max_steps:
-                return losses
-            masks = trainer.local_masks(sampler.global_batch(epoch, step), epoch)
-            try:
-                loss = trainer.train_step(batch, it, masks)["loss/total"]
-            except DinoflowError:  # diverged: this lr is too high; tell Optuna with an infinite loss
-                loss = math.inf
-            losses.append(loss)
-            if report is not None:
-                report(it, loss)
-            if not math.isfinite(loss):
-                return losses
-    return losses
+    steps = engine.steps(0, int(params["lr_search"]["max_steps"]))
+    while True:
+        try:
+            it, values = next(steps)
+            loss = values["loss/total"]
+        except StopIteration:
+            return losses
+        except DinoflowError:  # diverged: this lr is too high; tell Optuna with an infinite loss
+            it, loss = len(losses), math.inf
+        losses.append(loss)
+        if report is not None:
+            report(it, loss)
+        if not math.isfinite(loss):
+            return losses
 
 
 def objective_value(losses: list[float]) -> float:

@@ -95,7 +95,7 @@ def snakemake_jobs(workdir: str | Path = ".", snakefile: str | Path | None = Non
                     desc=" ".join(job.rule.docstring.split()) if job.rule.docstring else None,
                     cmd=job.shellcmd,
                     deps=_unique(job.input),
-                    params=[name for name, value in job.params.items() if value is not None],
+                    params=dvc_param_keys(job.params.items()),
                     outs=outs, metrics=metrics, plots=plots,
                     logs=_unique(job.log),
                 ))
@@ -106,6 +106,21 @@ def snakemake_jobs(workdir: str | Path = ".", snakefile: str | Path | None = Non
     finally:
         os.chdir(cwd)
     return sorted(specs, key=lambda s: s.order)
+
+
+def dvc_param_keys(entries) -> list[str]:
+    """DVC params keys of a job's Snakemake `params:` entries: the entry name (a params.yaml section), or, for an
+    entry whose value is a dict keyed by dotted names under it (`methods={"methods.simclr": {...}}`), those keys
+    (a per-model subsection, so editing one method's knobs re-runs only its models). None values are left out."""
+    keys: list[str] = []
+    for name, value in entries:
+        if value is None:
+            continue
+        if isinstance(value, dict) and value and all(str(k).startswith(f"{name}.") for k in value):
+            keys += [str(k) for k, v in value.items() if v is not None]
+        else:
+            keys.append(name)
+    return keys
 
 
 def _stage_body(spec: JobSpec) -> dict[str, Any]:

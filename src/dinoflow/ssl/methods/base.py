@@ -455,7 +455,8 @@ def parse_config(method: type[SSLMethod] | str, section: dict[str, Any] | None) 
 
     Raises DinoflowError naming ``methods.<name>.<key>`` for an unknown key or a value of the wrong type.
     Tuples given as YAML lists are converted. A ``Config`` may define ``validate(self, name)`` for range checks
-    (raise DinoflowError naming ``methods.<name>.<key>``).
+    (raise DinoflowError naming ``methods.<name>.<key>``) and a class attribute ``CHOICES = {key: (allowed, ...)}``
+    for enumerations (the message lists the allowed values).
     """
     cls = get_method(method) if isinstance(method, str) else method
     section = dict(section or {})
@@ -474,6 +475,9 @@ def parse_config(method: type[SSLMethod] | str, section: dict[str, Any] | None) 
         hint = hints.get(key, Any)
         if not _check_type(value, hint):
             raise DinoflowError(f"methods.{cls.name}.{key}: {value!r} is not a {getattr(hint, '__name__', hint)}")
+        choices = getattr(cls.Config, "CHOICES", {}).get(key)
+        if choices and value not in choices:
+            raise DinoflowError(f"methods.{cls.name}.{key}: {value!r} is not one of {', '.join(map(str, choices))}")
         if typing.get_origin(hint) is tuple and isinstance(value, list):
             value = tuple(value)
         if hint is float and isinstance(value, int):

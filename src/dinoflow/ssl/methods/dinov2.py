@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -79,6 +80,8 @@ class DINOv2(SSLMethod):
         mask_ratio: tuple[float, float] = (0.1, 0.5)
         mask_probability: float = 0.5
         koleo_loss_weight: float = 0.1
+
+        CHOICES: ClassVar[dict] = {"centering": CENTERING_MODES}
 
         def validate(self, name):
             check_positive(name, out_dim=self.out_dim, hidden_dim=self.hidden_dim,

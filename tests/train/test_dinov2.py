@@ -1,4 +1,5 @@
-"""DINO training loop: loss falls, freezing, exact resume, DDP equivalence, NaN stop, `dinoflow train` outputs."""
+"""DINOv2 on the engine, through `dinoflow train`: loss falls, freezing, exact resume, DDP equivalence, NaN stop,
+the outputs of the train stage, parameter groups, gradient checkpointing and bf16."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from dinoflow import paths
+from dinoflow.config import ConfigError, uses_lr_search, validate_params
 from dinoflow.errors import DinoflowError
 from dinoflow.models.factory import create_encoder
-from dinoflow.ssl.augment import MultiCropAugmentation
-from dinoflow.train import checkpoint, dino, run
+from dinoflow.train import checkpoint, engine, run
+from dinoflow.train.engine import GlobalBatchSampler, make_engine
 from dinoflow.utils import read_json, seed_everything
 from train_helpers import ddp_worker, make_env, run_steps
 
@@ -30,7 +32,7 @@ def env(tmp_path: Path, monkeypatch) -> tuple[dict, list]:
 def _train(params, images, model):
     seed_everything(params["seed"])
     encoder, info = create_encoder(params, model)
-    return dino.train(params, model, encoder, info, images=images)
+    return run.train_model(params, model, encoder, info, images=images)
 
 
 def _curve(model: str, name: str) -> np.ndarray:
@@ -43,8 +45,8 @@ def _curve(model: str, name: str) -> np.ndarray:
 def test_loss_falls_on_tiny_collection(env):
     params, images = env
     # A teacher that follows the student quickly and no warm-ups, so a few steps show learning.
-    params["train"].update(epochs=3, momentum_teacher=0.9, warmup_epochs=0, warmup_teacher_temp_epochs=0,
-                           freeze_last_layer_epochs=0)
+    params["train"].update(epochs=3, warmup_epochs=0)
+    params["methods"]["dinov2"].update(momentum=0.9, warmup_teacher_temp_epochs=0, freeze_last_layer_epochs=0)
     (Path(paths.LR_SEARCH_BEST)).write_text('{"lr": 0.05}')
     _train(params, images, "scratch")
     total = _curve("scratch", "loss/total")
@@ -55,12 +57,13 @@ def test_loss_falls_on_tiny_collection(env):
     assert (kl >= -1e-5).all()
     np.testing.assert_allclose(kl, _curve("scratch", "loss/dino") - _curve("scratch", "teacher/entropy"), atol=1e-5)
     for name in ("loss/dino", "loss/ibot", "loss/koleo", "teacher/entropy", "teacher/std", "lr", "wd", "momentum",
-                 "teacher/temp"):
+                 "teacher/temp", "monitor/embedding_std"):
         assert len(_curve("scratch", name)) == 9, name
     # lr follows the schedule scaled by batch/256 (no warm-up here: the first step is the peak)
     assert _curve("scratch", "lr")[0] == pytest.approx(0.05 * 8 / 256)
     info = read_json(paths.model_info("scratch"))
-    assert info["train"]["lr_overrides"] == {"lr": 0.05}
+    assert info["train"]["lr_overrides"] == {"lr": 0.05} and info["train"]["method"] == "dinov2"
+    assert info["evaluated_network"] == "teacher"
     assert set(load_file(paths.model_weights("scratch"))) == set(create_encoder(params, "scratch")[0].state_dict())
 
 
@@ -74,25 +77,24 @@ def test_freezing_only_intended_parameters_change(env):
     params, images = env
     run.main(params, "base")
     params["finetune"].update(head_warmup_epochs=1, lr_head=0.01, lr_backbone=0.01)
-    t = params["train"]
     seed_everything(params["seed"])
     encoder, _ = create_encoder(params, "vit_ft")
-    spe = dino.steps_per_epoch(len(images), t)
-    trainer = dino.DinoTrainer(params, encoder, trainable="last1", finetune=True, epochs=2, steps_per_epoch=spe)
-    sampler = dino.GlobalBatchSampler(len(images), t["batch_size"], spe, params["seed"])
-    loader, dataset = dino.make_loader(images, MultiCropAugmentation.from_params(t), sampler, params["seed"], 0)
-    _, blocks, tail = trainer.student.backbone.block_groups()
+    eng = make_engine(run.run_spec(params, "vit_ft"), encoder, images)
+    m = eng.method
+    assert eng.epochs == 2 and m.cfg.freeze_last_layer_epochs == 1
+    _, blocks, tail = m.backbone.block_groups()
     last_block = {f"backbone.{n}" for n in blocks[-1] + tail}
     assert any("norm" in n for n in last_block)
 
-    snaps = [(_snapshot(trainer.student), _snapshot(trainer.teacher))]
-    for epoch in range(2):
-        trainer.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        for step, batch in enumerate(loader):
-            trainer.train_step(batch, epoch * spe + step, trainer.local_masks(sampler.global_batch(epoch, step), epoch))
-        snaps.append((_snapshot(trainer.student), _snapshot(trainer.teacher)))
+    def split(snap):  # (student, teacher) with the same names
+        student = {k: v for k, v in snap.items() if not k.startswith("teacher_")}
+        teacher = {k[len("teacher_"):]: v for k, v in snap.items() if k.startswith("teacher_")}
+        return student, teacher
+
+    snaps = [split(_snapshot(m))]
+    for it, _ in eng.steps():
+        if (it + 1) % eng.steps_per_epoch == 0:
+            snaps.append(split(_snapshot(m)))
 
     def changed(a, b):
         return {k for k in a if not torch.equal(a[k], b[k])}
@@ -113,11 +115,11 @@ def test_resume_after_kill_gives_exactly_the_uninterrupted_weights(tmp_path, mon
         params["train"]["checkpoint_every"] = 2
         monkeypatch.chdir(root / "ws")
         if stop_after:
-            monkeypatch.setenv(dino.STOP_AFTER_ENV, str(stop_after))
+            monkeypatch.setenv(engine.STOP_AFTER_ENV, str(stop_after))
             _train(params, images, "scratch")  # "killed" in epoch 1 after step 5; last saved state: step 4
             assert not Path(paths.model_weights("scratch")).exists()
             assert checkpoint.load_state(paths.train_state("scratch"))["step"] == 4
-            monkeypatch.delenv(dino.STOP_AFTER_ENV)
+            monkeypatch.delenv(engine.STOP_AFTER_ENV)
         _train(params, images, "scratch")
         return (load_file(paths.model_weights("scratch")),
                 checkpoint.load_state(paths.train_state("scratch")), _curve("scratch", "loss/total"))
@@ -135,7 +137,7 @@ def test_resume_after_kill_gives_exactly_the_uninterrupted_weights(tmp_path, mon
             for k, v in obj.items():
                 yield from tensors(v, f"{prefix}.{k}")
 
-    a, b = dict(tensors(s_full["trainer"])), dict(tensors(s_res["trainer"]))
+    a, b = dict(tensors(s_full["engine"])), dict(tensors(s_res["engine"]))
     assert a.keys() == b.keys() and len(a) > 50
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -180,7 +182,7 @@ def test_nan_loss_stops_with_clear_error(env):
     with torch.no_grad():
         encoder.model.blocks[0].mlp.fc1.weight[0, 0] = math.nan  # corrupted weights: NaN from the first step
     with pytest.raises(DinoflowError, match=r"loss is nan at step 0.*Lower train\.lr"):
-        dino.train(params, "scratch", encoder, info, images=images)
+        run.train_model(params, "scratch", encoder, info, images=images)
 
 
 def test_method_none_saves_initial_weights(env):
@@ -201,9 +203,37 @@ def test_scratch_without_lr_search_says_what_to_run(env):
         _train(params, images, "scratch")
 
 
+def test_lr_search_use_is_decided_in_one_place(env):
+    params, _ = env
+    assert [uses_lr_search(params, m["name"]) for m in params["models"]] == [False, False, True, False, False, False,
+                                                                             False]
+    params["models"].append({"name": "ft_search", "init": "pretrained", "method": "dinov2", "trainable": "last1",
+                             "lr_from_search": True})
+    with pytest.raises(ConfigError, match=r"models\[ft_search\].lr_from_search: .*finetune.lr_head"):
+        validate_params(params)
+    params["models"][-1] = {"name": "other", "init": "random", "method": "simclr", "trainable": "all",
+                            "lr_from_search": True}
+    with pytest.raises(ConfigError, match=r"lr search runs method 'dinov2'"):
+        validate_params(params)
+    params["models"][-1] = {"name": "other", "init": "random", "method": "simclr", "trainable": "all"}
+    validate_params(params)
+    assert not uses_lr_search(params, "other")  # another method: its own train.lr
+
+
+def test_unknown_method_and_bad_method_knob_are_config_errors(env):
+    params, _ = env
+    params["models"][1]["method"] = "dino_v9"
+    with pytest.raises(ConfigError, match=r"'dino_v9' is not a registered method \(known: none, .*simclr"):
+        validate_params(params)
+    params["models"][1]["method"] = "dinov2"
+    params["methods"]["dinov2"]["centring"] = "x"
+    with pytest.raises(ConfigError, match=r"methods.dinov2: unknown key\(s\) centring"):
+        validate_params(params)
+
+
 def test_global_batches_do_not_depend_on_process_count():
-    one = dino.GlobalBatchSampler(24, 8, 3, seed=0)
-    two = [dino.GlobalBatchSampler(24, 8, 3, seed=0, rank=r, world_size=2) for r in range(2)]
+    one = GlobalBatchSampler(24, 8, 3, seed=0)
+    two = [GlobalBatchSampler(24, 8, 3, seed=0, rank=r, world_size=2) for r in range(2)]
     for s in [one, *two]:
         s.set_epoch(1)
     joined = [a + b for a, b in zip(*two)]
@@ -212,19 +242,20 @@ def test_global_batches_do_not_depend_on_process_count():
     one.set_epoch(1, start_step=2)
     assert list(one) == joined[2:]
     with pytest.raises(DinoflowError, match="divisible"):
-        dino.GlobalBatchSampler(24, 7, 3, seed=0, rank=0, world_size=2)
+        GlobalBatchSampler(24, 7, 3, seed=0, rank=0, world_size=2)
 
 
 def test_param_groups_weight_decay_and_layer_decay(env):
     """No weight decay on biases / norms / 1-d tensors; fine-tune lrs: head vs backbone, DINOv2 layer decay."""
-    params, _ = env
+    params, images = env
     run.main(params, "base")
     params["finetune"].update(layer_decay=0.5, lr_head=0.01, lr_backbone=0.001)
+    params["models"][-1]["trainable"] = "last2"
     encoder, _ = create_encoder(params, "vit_ft")
-    trainer = dino.DinoTrainer(params, encoder, trainable="last2", finetune=True, epochs=2, steps_per_epoch=3)
-    name_of = {id(p): n for n, p in trainer.student.named_parameters()}
+    eng = make_engine(run.run_spec(params, "vit_ft"), encoder, images)
+    name_of = {id(p): n for n, p in eng.method.named_parameters()}
     seen = set()
-    for g in trainer.optimizer.param_groups:
+    for g in eng.optimizer.param_groups:
         for p in g["params"]:
             n = name_of[id(p)]
             seen.add(n)
@@ -234,13 +265,13 @@ def test_param_groups_weight_decay_and_layer_decay(env):
             else:  # depth-2 ViT: block 0 -> 0.5**2, block 1 -> 0.5**1, final norm -> 1
                 want = 0.25 if ".blocks.0." in n else 0.5 if ".blocks.1." in n else 1.0
                 assert (g["schedule"], g["lr_scale"]) == ("lr_backbone", want), n
-    frozen = {n for n, _ in trainer.student.named_parameters()} - seen
+    frozen = {n for n, _ in eng.method.named_parameters() if not n.startswith("teacher_")} - seen
     # not optimised: the embedding stem (last2 of 2 blocks) and the prototypes' fixed unit magnitude (weight_norm g)
     assert frozen == {"backbone.mask_token", "backbone.model.cls_token", "backbone.model.pos_embed",
                       "backbone.model.patch_embed.proj.weight", "backbone.model.patch_embed.proj.bias",
                       "head.last_layer.parametrizations.weight.original0"}
     # backbone lr is 0 during the head warm-up epoch, then warms up from 0 to its peak (scaled by batch / 256)
-    lr_bb = trainer.schedules["lr_backbone"]
+    lr_bb = eng.schedules["lr_backbone"]
     assert (lr_bb[:3] == 0).all() and lr_bb[3:].max() == pytest.approx(0.001 * 8 / 256)
 
 

@@ -173,9 +173,10 @@ def test_context_encoder_adversarial_term_trains_the_discriminator(images):
     assert m.discriminator is not None
     before = [p.detach().clone() for p in m.discriminator.parameters()]
     values = engine.train_step(_first_batch(engine), 0)
-    assert {"reconstruction", "adversarial", "discriminator"} <= set(values)
-    assert values["loss/total"] == pytest.approx(0.999 * values["reconstruction"] + 0.001 * values["adversarial"]
-                                                 + values["discriminator"], rel=1e-5)
+    assert {"loss/reconstruction", "loss/adversarial", "loss/discriminator"} <= set(values)
+    assert values["loss/total"] == pytest.approx(0.999 * values["loss/reconstruction"]
+                                                 + 0.001 * values["loss/adversarial"] + values["loss/discriminator"],
+                                                 rel=1e-5)
     assert any(not torch.equal(a, p) for a, p in zip(before, m.discriminator.parameters()))
 
 

@@ -72,4 +72,4 @@ class RelativePosition(SSLMethod):
         labels = batch.targets["position"]
         loss = relative_position_loss(logits, labels)
         accuracy = (logits.argmax(1) == labels).float().mean()
-        return {"loss": loss, "accuracy": accuracy.detach(), "embeddings": h_anchor.detach()}
+        return {"loss": loss, "pretext/accuracy": accuracy.detach(), "embeddings": h_anchor.detach()}

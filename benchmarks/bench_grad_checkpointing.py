@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=2 python benchmarks/bench_grad_checkpointing.py [--quick] [--batch B] [--device cpu|cuda]
 
 Each setting runs in its own fresh process (so one cannot inherit the other's allocator high-water mark) and does
-one measured (GPU: after a warm-up step) `DinoTrainer.train_step` of the params.yaml `backbone` on one multi-crop batch.
+one measured (GPU: after a warm-up step) DINOv2 step of the engine (`Engine.train_step`) of the params.yaml `backbone` on one multi-crop batch.
 GPU: `torch.cuda.max_memory_allocated` over the measured step minus the memory held before it. CPU: peak resident
 set size (`ru_maxrss`) minus the resident size just before the step, for the first step of a fresh process (the
 allocator keeps freed memory, so a second step in the same process would hide its growth); both settings allocate
@@ -38,11 +38,8 @@ def _rss_bytes() -> int:
 def child(params_path: str, batch: int, ckpt: bool, device_name: str) -> dict:
     import copy
 
-    from bench_train_step import make_batch
+    from _engine_bench import engine_and_batch
 
-    from dinoflow.models.factory import create_encoder
-    from dinoflow.train import dino
-    from dinoflow.train.distributed import DistContext
     from dinoflow.utils import resolve_device
 
     with open(params_path, encoding="utf-8") as fh:
@@ -50,12 +47,7 @@ def child(params_path: str, batch: int, ckpt: bool, device_name: str) -> dict:
     params = copy.deepcopy(params)
     params["train"]["grad_checkpointing"] = ckpt
     device = resolve_device(device_name)
-    data = make_batch(params["train"], batch)
-    torch.manual_seed(0)
-    encoder, _ = create_encoder(params, "scratch")
-    trainer = dino.DinoTrainer(params, encoder, trainable="all", finetune=False, epochs=1, steps_per_epoch=100,
-                               ctx=DistContext(0, 1, 0, device))
-    masks = trainer.local_masks(list(range(batch)), 0)
+    trainer, data, masks = engine_and_batch(params, "dinov2", batch, device)
     # GPU: measure the second step (the first allocates AdamW's state). CPU: the allocator keeps freed memory, so
     # only a fresh process's first step is clean: its peak RSS growth (the same AdamW state in both settings,
     # plus activations and gradients, which checkpointing changes).

@@ -3,12 +3,12 @@
     OMP_NUM_THREADS=2 python benchmarks/bench_train_step.py [--quick] [--batch B] [--steps N] [--device cpu|cuda]
 
 Backbone: params.yaml `backbone` (a fresh seeded Encoder for each side); crops: one multi-crop batch of random
-images made once by `dinoflow.ssl.augment` (2 global + train.n_local_crops local crops) and reused by both sides,
+images made once by the method's view maker (2 global + train.n_local_crops local crops) and reused by all sides,
 so data loading is not timed. Sides, each a full step (teacher forward, student forward, loss, backward,
 gradient clipping, AdamW step, EMA update):
 - lightly (baseline): `lightly.models.modules.DINOProjectionHead` + `lightly.loss.DINOLoss` +
   `lightly.models.utils.update_momentum`, the loop of lightly's DINO example;
-- dinoflow, DINO only: `DinoTrainer.train_step` with iBOT and KoLeo off (the same objective as lightly);
+- dinoflow, DINO only: the engine's `train_step` with method dinov2, iBOT and KoLeo off (lightly's objective);
 - dinoflow, full recipe: with iBOT masked-patch and KoLeo losses as params.yaml sets them.
 Steps alternate between sides (A B C A B C ...) so load changes on a shared machine hit all sides alike; the
 median step time is reported. Results: benchmarks/results/train_step.json / .md (train_step_quick.* with --quick).
@@ -31,47 +31,30 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
-def make_batch(train: dict, batch: int, seed: int = 0) -> dict:
-    from dinoflow.ssl.augment import MultiCropAugmentation, collate_multicrop
+def dinoflow_step(params: dict, batch_size: int, device: torch.device, full: bool):
+    """A dinoflow DINOv2 step on the engine (iBOT and KoLeo off unless `full`) and its batch (views as tensors)."""
+    from _engine_bench import engine_and_batch
 
-    g = torch.Generator().manual_seed(seed)
-    images = [torch.randint(0, 256, (3, 128, 128), dtype=torch.uint8, generator=g) for _ in range(batch)]
-    aug = MultiCropAugmentation.from_params(train)
-    return collate_multicrop([(aug(im, seed=i), i) for i, im in enumerate(images)])
-
-
-def dinoflow_step(params: dict, batch: dict, device: torch.device, full: bool):
-    from dinoflow.models.factory import create_encoder
-    from dinoflow.train import dino
-    from dinoflow.train.distributed import DistContext
-
-    p = copy.deepcopy(params)
-    if not full:
-        p["train"].update(ibot_loss_weight=0.0, koleo_loss_weight=0.0)
-    torch.manual_seed(0)
-    encoder, _ = create_encoder(p, "scratch")
-    trainer = dino.DinoTrainer(p, encoder, trainable="all", finetune=False, epochs=1, steps_per_epoch=10_000,
-                               ctx=DistContext(0, 1, 0, device))
-    b = batch["indices"].shape[0]
-    masks = trainer.local_masks(list(range(b)), 0)
+    section = {} if full else {"ibot_loss_weight": 0.0, "koleo_loss_weight": 0.0}
+    engine, batch, extras = engine_and_batch(params, "dinov2", batch_size, device, section)
     counter = iter(range(10_000))
-    return lambda: trainer.train_step(batch, next(counter), masks)
+    return (lambda: engine.train_step(batch, next(counter), extras)), batch
 
 
-def lightly_step(params: dict, batch: dict, device: torch.device):
+def lightly_step(params: dict, batch, device: torch.device):
     from lightly.loss import DINOLoss
     from lightly.models.modules import DINOProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
 
     from dinoflow.models.factory import create_encoder
-    from dinoflow.train.dino import allow_any_input_size
+    from dinoflow.train.engine import allow_any_input_size
 
-    t = params["train"]
+    t = {**params["train"], **params["methods"]["dinov2"]}
     torch.manual_seed(0)
     encoder, _ = create_encoder(params, "scratch")
     allow_any_input_size(encoder)  # the same local-crop handling as dinoflow
     def head():
-        return DINOProjectionHead(encoder.embed_dim, t["head_hidden_dim"], t["head_bottleneck_dim"], t["out_dim"],
+        return DINOProjectionHead(encoder.embed_dim, t["hidden_dim"], t["bottleneck_dim"], t["out_dim"],
                                   freeze_last_layer=t["freeze_last_layer_epochs"])
 
     student = torch.nn.ModuleDict({"backbone": encoder, "head": head()}).to(device)
@@ -83,12 +66,12 @@ def lightly_step(params: dict, batch: dict, device: torch.device):
                          teacher_temp=t["teacher_temp"], warmup_teacher_temp_epochs=t["warmup_teacher_temp_epochs"],
                          student_temp=t["student_temp"]).to(device)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=t["weight_decay"])
-    g = batch["global_crops"].to(device)
-    local = batch["local_crops"].to(device) if batch["local_crops"] is not None else None
-    n_local = batch["n_local_crops"]
+    g = torch.cat(batch.views[:2]).to(device)
+    n_local = len(batch.views) - 2
+    local = torch.cat(batch.views[2:]).to(device) if n_local else None
 
     def step():
-        update_momentum(student, teacher, m=t["momentum_teacher"])
+        update_momentum(student, teacher, m=t["momentum"])
         with torch.no_grad():
             t_out = teacher["head"](teacher["backbone"](g)).chunk(2)
         s_out = list(student["head"](student["backbone"](g)).chunk(2))
@@ -121,10 +104,10 @@ def main() -> int:
     batch_size = args.batch or (8 if args.quick else int(params["train"]["batch_size"]))
     steps = args.steps or (3 if args.quick else 10)
     device = resolve_device(args.device)
-    batch = make_batch(params["train"], batch_size)
-    sides = {"lightly": lightly_step(params, batch, device),
-             "dinoflow_dino_only": dinoflow_step(params, batch, device, full=False),
-             "dinoflow_full_recipe": dinoflow_step(params, batch, device, full=True)}
+    dino_only, batch = dinoflow_step(params, batch_size, device, full=False)
+    full_recipe, _ = dinoflow_step(params, batch_size, device, full=True)
+    sides = {"lightly": lightly_step(params, batch, device), "dinoflow_dino_only": dino_only,
+             "dinoflow_full_recipe": full_recipe}
     times: dict[str, list[float]] = {k: [] for k in sides}
     for k, fn in sides.items():  # warm-up (allocations, lazy inits)
         fn()
@@ -142,7 +125,7 @@ def main() -> int:
     result = {
         "backbone": params["backbone"], "batch": batch_size, "n_local_crops": params["train"]["n_local_crops"],
         "global_crop_size": params["train"]["global_crop_size"], "local_crop_size": params["train"]["local_crop_size"],
-        "out_dim": params["train"]["out_dim"], "timed_steps_per_side": steps, "device": str(device),
+        "out_dim": params["methods"]["dinov2"]["out_dim"], "timed_steps_per_side": steps, "device": str(device),
         "threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
         "median_step_s": med, "images_per_s": ips,
         "ratio_dinoflow_dino_only_vs_lightly": ips["dinoflow_dino_only"] / ips["lightly"],
@@ -157,7 +140,7 @@ def main() -> int:
           f"{' --quick' if args.quick else ''}`  ",
           f"Backbone {params['backbone']['arch']} {params['backbone'].get('kwargs')}, batch {batch_size}, "
           f"2x{params['train']['global_crop_size']} px + {params['train']['n_local_crops']}x"
-          f"{params['train']['local_crop_size']} px crops, out_dim {params['train']['out_dim']}, {device}, "
+          f"{params['train']['local_crop_size']} px crops, out_dim {params['methods']['dinov2']['out_dim']}, {device}, "
           f"{torch.get_num_threads()} threads, median of {steps} alternating steps.", "",
           "| side | median step (s) | images/s | ratio vs lightly |", "|---|---|---|---|"]
     for k in sides:

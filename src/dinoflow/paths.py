@@ -5,6 +5,7 @@ from __future__ import annotations
 
 MANIFEST = "data/interim/manifest.parquet"
 INGEST_SUMMARY = "metrics/ingest.json"
+IMAGE_LISTING = "data/interim/image_listing.tsv"  # path, size, mtime of every image (Snakemake re-run trigger)
 PROCESSED_DIR = "data/processed/images"          # Parquet shards of encoded 256 px images
 PROCESSED_INDEX = "data/processed/index.parquet"  # id -> shard, row (one row per ok image)
 

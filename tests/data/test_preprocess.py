@@ -194,3 +194,58 @@ def test_other_formats(processed, fmt):
     blob = pq.read_table(Path(paths.PROCESSED_DIR) / "shard-00000.parquet").column("image")[0].as_py()
     assert Image.open(io.BytesIO(blob)).format == fmt.upper()
 
+
+
+# ---------------------------------------------------------------------------------------------- colour management
+
+from data_helpers import (ADOBE_RGB_PRIMARIES, D50_XY, D65_XY, P3_PRIMARIES, PROPHOTO_PRIMARIES,  # noqa: E402
+                          SRGB_PRIMARIES, gray_icc, reference_to_srgb, rgb_icc, srgb_encode)
+from dinoflow.data.preprocess import to_srgb  # noqa: E402
+
+RGB_PROFILES = {  # name: (primaries, white, gamma; None = the sRGB curve)
+    "Adobe RGB (1998)": (ADOBE_RGB_PRIMARIES, D65_XY, 563 / 256),
+    "ProPhoto RGB": (PROPHOTO_PRIMARIES, D50_XY, 1.8),
+    "Display P3": (P3_PRIMARIES, D65_XY, None),
+}
+
+
+@pytest.mark.parametrize("name", list(RGB_PROFILES))
+def test_to_srgb_matches_the_colorimetric_formula(name):
+    primaries, white, gamma = RGB_PROFILES[name]
+    icc = rgb_icc(name, primaries, white, gamma)
+    colours = np.stack(np.meshgrid(*[np.arange(0, 256, 51)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    im = Image.fromarray(colours.reshape(1, -1, 3).astype(np.uint8))
+    notes: list[str] = []
+    got = np.asarray(to_srgb(im, icc, notes)).reshape(-1, 3).astype(int)
+    expected = np.stack([reference_to_srgb(c, primaries, white, gamma) for c in colours])
+    # Out-of-gamut colours are clipped per channel (not gamut-mapped): compare the colours inside sRGB.
+    inside = ((expected > 0.5) & (expected < 254.5)).all(1)
+    assert inside.sum() > 20
+    assert np.abs(got[inside] - expected[inside]).max() <= 1.01
+    assert notes == [f"icc->srgb:{name}"]
+
+
+def test_to_srgb_leaves_srgb_and_unprofiled_images_alone():
+    im = Image.new("RGB", (2, 2), (180, 120, 90))
+    notes: list[str] = []
+    assert to_srgb(im, rgb_icc("sRGB under another name", SRGB_PRIMARIES, gamma=None), notes) is im
+    assert to_srgb(im, None, notes) is im and notes == []
+
+
+def test_to_srgb_grey_and_16bit_grey_with_a_profile():
+    notes: list[str] = []
+    out = to_srgb(Image.new("L", (2, 2), 128), gray_icc("linear", 1.0), notes)
+    assert out.mode == "RGB" and abs(out.getpixel((0, 0))[0] - srgb_encode(np.array(128 / 255))) <= 1
+    notes = []
+    out = to_srgb(Image.fromarray(np.full((2, 2), 128 * 256, np.uint16)), gray_icc("linear", 1.0), notes)
+    assert notes == ["16bit->8bit", "icc->srgb:linear"] and abs(out.getpixel((0, 0))[0] - 188) <= 1
+
+
+def test_to_srgb_reports_profiles_it_cannot_apply():
+    im = Image.new("RGB", (2, 2), (1, 2, 3))
+    notes: list[str] = []
+    assert to_srgb(im, b"\0" * 200, notes).getpixel((0, 0)) == (1, 2, 3)
+    assert notes[0].startswith("icc-unusable:unreadable ICC profile")
+    notes = []
+    to_srgb(im, gray_icc("Dot Gain 20%", 2.2), notes)
+    assert notes == ["icc-unusable:ICC profile 'Dot Gain 20%' is for GRAY data, the image is RGB"]

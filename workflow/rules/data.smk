@@ -28,11 +28,22 @@ if DEMO["enabled"]:
             "dinoflow demo-collection > {log} 2>&1"
 
 
+def image_listing(wildcards):
+    """The image folder's listing (path, size, mtime of every file), rewritten while the DAG is built only when
+    it changed: Snakemake compares mtimes, and an image replaced in place under the same name leaves the folder's
+    mtime alone, so depending on the folder alone would never re-run ingest (DVC hashes the folder itself; the
+    flag keeps this file out of dvc.yaml)."""
+    from dinoflow.data.collection import update_image_listing
+
+    return flag(update_image_listing(COLLECTION["images_dir"], paths.IMAGE_LISTING), "snakemake_only")
+
+
 rule ingest:
     """Validate every metadata row and image; the manifest gives each row a status."""
     input:
         metadata=COLLECTION["metadata"],
         images=COLLECTION["images_dir"],
+        listing=image_listing,
     output:
         manifest=paths.MANIFEST,
         summary=metric(paths.INGEST_SUMMARY),

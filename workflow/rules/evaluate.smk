@@ -33,13 +33,15 @@ rule embed:
 
 
 rule neighbours:
-    """Cosine top-k neighbours of every image (exact blocked search, FAISS above a size)."""
+    """Top-k neighbours of every image under the used similarity (exact float64 blocked search, FAISS above a
+    size) and the embedding health (cosine spread, RankMe, degenerate flag)."""
     input:
         paths.embeddings("{model}"),
     output:
         paths.neighbours("{model}"),
+        health=metric(paths.health_metrics("{model}")),
     params:
-        **sections("seed", "neighbours"),
+        **sections("seed", "neighbours", "similarity", "health"),
     log:
         model_log("neighbours"),
     conda:

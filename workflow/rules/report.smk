@@ -68,6 +68,9 @@ rule report:
         train_plots=expand(paths.train_log_dir("{model}") + "/plots", model=TRAINED_MODELS),
         align=expand(paths.align_metrics("{model}"), model=MODELS),
         probes=expand(paths.probe_metrics("{model}"), model=MODELS),
+        health=expand(paths.health_metrics("{model}"), model=MODELS),
+        compare=paths.COMPARE_METRICS,  # written by the compare rule (engineer "stats")
+        groups=paths.GROUPS_SUMMARY,  # written by the groups rule (engineer "stats")
         grids=paths.GRIDS_DIR,
         attention=paths.ATTENTION_DIR,
     output:

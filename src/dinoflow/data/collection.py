@@ -5,9 +5,23 @@ The result has one row per input row, in input order:
 - `row`: 0-based input row (data rows; the CSV header and blank JSONL lines are not rows),
 - `id`, `path` (str or None), `caption` (str or None), `keywords` (list[str], empty when absent),
 - one column per configured label column (str or None),
-- `read_error`: None, or why the row cannot be trusted (invalid UTF-8, an unparsable JSON line); ingest turns
-  it into the row's status instead of failing the whole table,
+- `read_status` / `read_error`: None, or why the row cannot be trusted (`invalid_utf8`, `unreadable_row`: an
+  unparsable JSON line, `invalid_id`) and the message; ingest turns them into the row's status instead of
+  failing the whole table,
+- `read_note`: "" or `;`-separated notes on how a cell was read (`id-whitespace-stripped`,
+  `path-whitespace-stripped`, `keywords-list-literal`, `keywords-unparsed-list`),
 - every column the mapping does not name, under its own name; their names are in `df.attrs["unknown_columns"]`.
+
+Identifiers are text, exactly as written, in every format: CSV cells are read as text (no type inference, so
+"007" keeps its zeros); JSON numbers are kept as the digits in the file (`json` would give Python ints, but
+pandas turns an int column with a null into float64, which rounds 1344800117571260417 to ...416); Parquet
+integers become their decimal text. A floating-point id is exact only below 2^53: above it, the program that
+wrote the table may already have rounded it, so it is refused (`invalid_id`) rather than trusted.
+
+Keyword cells: a list (Parquet list, JSON array) is taken as is; a string is split on `keyword_separator`,
+unless it is a serialised list — a JSON array, a Python list/tuple literal (what `DataFrame.to_csv` writes for a
+list) or a NumPy array repr (`['red' 'circle']`) — which is read as a list without evaluating anything
+(`json`, then Python's tokenizer with `ast.literal_eval` on single string tokens).
 
 Invalid UTF-8 is decoded with `surrogateescape`, so each bad byte survives as a lone surrogate (U+DC80..U+DCFF)
 that we can find and report per row, instead of one decode error that stops the whole file.
@@ -15,8 +29,15 @@ that we can find and report per row, instead of one decode error that stops the 
 
 from __future__ import annotations
 
+import ast
+import decimal
+import io
 import json
+import math
+import os
 import re
+import time
+import tokenize
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -24,6 +45,9 @@ import numpy as np
 import pandas as pd
 
 from dinoflow.errors import DinoflowError
+from dinoflow.utils import get_logger
+
+log = get_logger("dinoflow.collection")
 
 REQUIRED = ("id", "path")
 OPTIONAL = ("caption", "keywords")
@@ -60,6 +84,15 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise DinoflowError(f"{path}: cannot parse CSV: {exc}") from exc
 
 
+class JsonNumber(str):
+    """A JSON number exactly as written in the file ("1344800117571260417", "1.50"): never a float."""
+
+
+def _json_constant(name: str) -> Any:
+    # NaN (written by Python's json for a float nan) is a missing value; Infinity stays visible as text.
+    return None if name == "NaN" else JsonNumber(name)
+
+
 def _read_jsonl(path: Path) -> pd.DataFrame:
     records: list[dict[str, Any]] = []
     errors: list[str | None] = []
@@ -68,7 +101,7 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = json.loads(line, parse_int=JsonNumber, parse_float=JsonNumber, parse_constant=_json_constant)
                 if not isinstance(rec, dict):
                     raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
                 records.append(rec)
@@ -77,8 +110,10 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
                 # One broken line must not sink a million good ones: it becomes a row with an error.
                 records.append({})
                 errors.append(f"line {lineno}: not a JSON object ({exc})")
-    df = pd.DataFrame.from_records(records) if records else pd.DataFrame()
-    df = df.astype(object)
+    # Column by column as object: DataFrame.from_records would infer dtypes (ints with a null → float64).
+    names = list(dict.fromkeys(key for rec in records for key in rec))
+    df = pd.DataFrame({name: pd.Series([rec.get(name) for rec in records], dtype=object) for name in names},
+                      index=pd.RangeIndex(len(records)))
     df["__jsonl_error"] = pd.Series(errors, dtype=object)
     return df
 
@@ -127,22 +162,126 @@ def _as_text(value: Any) -> str | None:
     return text or None
 
 
-def parse_keywords(value: Any, separator: str = ";") -> list[str]:
-    """A list (Parquet list / JSON array) or a `separator`-separated string → list of non-empty stripped str."""
+_FLOAT_EXACT = 2 ** 53  # every integer up to here is exact in a float64
+
+
+def identifier(value: Any, name: str = "id") -> tuple[str | None, str | None, bool]:
+    """A cell of the id (or path) column → (text or None when missing, error or None, whitespace stripped?).
+
+    Text is kept as written; integers (Parquet int64, JSON numbers) become their decimal digits. A float is
+    accepted only when exact (whole floats print without `.0`); above 2^53 it may already have been rounded by
+    whoever wrote the table, which would silently merge or rename ids, so it is an error. Lists, objects and
+    booleans are not identifiers.
+    """
     if _is_missing(value):
-        return []
+        return None, None, False
+    if isinstance(value, (bool, np.bool_)):
+        return None, f"{name} is a boolean ({value}), not an identifier", False
+    if isinstance(value, (list, tuple, np.ndarray, dict)):
+        return None, f"{name} is a {type(value).__name__} ({_as_text(value)}), not a single value", False
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if not math.isfinite(v):
+            return None, f"{name} is {v}, not an identifier", False
+        if abs(v) >= _FLOAT_EXACT:
+            return None, (f"{name} {v!r} is a floating-point number above 2^53, so the program that wrote the "
+                          "table may have rounded it (1344800117571260417 becomes ...416): write ids as text or "
+                          "integers"), False
+        return (str(int(v)) if v.is_integer() else repr(v)), None, False
+    if isinstance(value, (int, np.integer, decimal.Decimal)):
+        return str(value), None, False
+    text = str(value)
+    stripped = text.strip()
+    return (stripped or None), None, stripped != text and bool(stripped)
+
+
+def _list_literal(text: str) -> list[str] | None:
+    """The items of a serialised list (JSON array, Python list/tuple/set literal, NumPy repr), or None.
+
+    Nothing is evaluated: JSON is parsed by `json`; otherwise Python's tokenizer splits the text and only single
+    string-literal tokens go through `ast.literal_eval`. Adjacent strings (NumPy's `['a' 'b']`) stay separate
+    items. Nested lists, names and expressions are not a keyword list (None).
+    """
+    try:
+        value = json.loads(text, parse_int=str, parse_float=str, parse_constant=str)
+    except ValueError:
+        value = None
+    if isinstance(value, list):
+        return [str(v) for v in value if v is not None] if all(
+            v is None or isinstance(v, (str, bool)) for v in value) else None
+    closing = {"[": "]", "(": ")", "{": "}"}
+    skip = {tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+    try:
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type not in skip]
+    except (tokenize.TokenError, SyntaxError):
+        return None
+    if len(tokens) < 2 or closing.get(tokens[0].string) != tokens[-1].string:
+        return None
+    items: list[str] = []
+    sign = ""
+    for tok in tokens[1:-1]:
+        if tok.type == tokenize.STRING:
+            try:
+                item = ast.literal_eval(tok.string)
+            except (ValueError, SyntaxError):
+                return None
+            if isinstance(item, bytes):
+                item = item.decode("utf-8", "replace")
+            items.append(item)
+        elif tok.type == tokenize.NUMBER:
+            items.append(sign + tok.string)
+            sign = ""
+        elif tok.type == tokenize.NAME and tok.string in ("None", "nan", "NaN"):
+            continue  # a missing element
+        elif tok.type == tokenize.NAME and tok.string in ("True", "False"):
+            items.append(tok.string)
+        elif tok.type == tokenize.OP and tok.string == ",":
+            continue
+        elif tok.type == tokenize.OP and tok.string == "-" and not sign:
+            sign = "-"
+        else:
+            return None
+    return items
+
+
+def _looks_like_list(text: str) -> bool:
+    return len(text) >= 2 and (text[0], text[-1]) in (("[", "]"), ("(", ")"), ("{", "}"))
+
+
+def keyword_cell(value: Any, separator: str = ";") -> tuple[list[str], str | None]:
+    """A keywords cell → (keywords, note or None). See the module docstring for the rules.
+
+    note: `keywords-list-literal` when a serialised list was recognised; `keywords-unparsed-list` when the cell
+    looks like one ([...], (...), {...}) but is not (then it is split on `separator` like any text).
+    """
+    if _is_missing(value):
+        return [], None
+    note = None
     if isinstance(value, (list, tuple, np.ndarray)):
         items: Iterable[Any] = value
     else:
-        items = str(value).split(separator) if separator else [str(value)]
+        text = str(value).strip()
+        parsed = _list_literal(text) if _looks_like_list(text) else None
+        if parsed is not None:
+            items, note = parsed, "keywords-list-literal"
+        else:
+            if _looks_like_list(text):
+                note = "keywords-unparsed-list"
+            items = text.split(separator) if separator else [text]
     out = []
     for item in items:
         if _is_missing(item):
             continue
-        text = str(item).strip()
-        if text:
-            out.append(text)
-    return out
+        item_text = str(item).strip()
+        if item_text:
+            out.append(item_text)
+    return out, note
+
+
+def parse_keywords(value: Any, separator: str = ";") -> list[str]:
+    """A list (Parquet list / JSON array), a serialised list, or a `separator`-separated string → list of
+    non-empty stripped str (`keyword_cell` without its note)."""
+    return keyword_cell(value, separator)[0]
 
 
 def _bad_utf8(value: Any) -> tuple[int, int] | None:
@@ -197,10 +336,31 @@ def read_metadata(path: str | Path, columns: Mapping[str, str] | None = None, ke
     def column(name: str) -> pd.Series:
         return raw[name] if name in raw.columns else pd.Series([None] * n, dtype=object)
 
-    for name in ("id", "path", "caption"):
-        df[name] = pd.Series([_as_text(v) for v in column(mapping[name])], dtype=object)
-    df["keywords"] = pd.Series([parse_keywords(v, keyword_separator) for v in column(mapping["keywords"])],
-                               dtype=object)
+    notes: list[list[str]] = [[] for _ in range(n)]
+    id_errors: list[str | None] = [None] * n
+    for name in ("id", "path"):
+        values = []
+        for i, v in enumerate(column(mapping[name])):
+            text, error, stripped = identifier(v, name)
+            values.append(text)
+            if error is not None and id_errors[i] is None:
+                id_errors[i] = f"row {i}: column {mapping[name]!r}: {error}"
+            if stripped:
+                notes[i].append(f"{name}-whitespace-stripped")
+        df[name] = pd.Series(values, dtype=object)
+    df["caption"] = pd.Series([_as_text(v) for v in column(mapping["caption"])], dtype=object)
+    keywords = []
+    for i, v in enumerate(column(mapping["keywords"])):
+        kws, note = keyword_cell(v, keyword_separator)
+        keywords.append(kws)
+        if note:
+            notes[i].append(note)
+    df["keywords"] = pd.Series(keywords, dtype=object)
+    unparsed = [i for i, row_notes in enumerate(notes) if "keywords-unparsed-list" in row_notes]
+    if unparsed:
+        log.warning("%s: %d keyword cell(s) look like a serialised list but cannot be parsed; split on %r instead "
+                    "(rows %s%s)", path, len(unparsed), keyword_separator, ", ".join(map(str, unparsed[:10])),
+                    ", ..." if len(unparsed) > 10 else "")
     for label in label_columns:
         df[label] = pd.Series([_as_text(v) for v in raw[label]], dtype=object)
 
@@ -211,8 +371,9 @@ def read_metadata(path: str | Path, columns: Mapping[str, str] | None = None, ke
     df.attrs["unknown_columns"] = [str(c) for c in unknown]
     df.attrs["format"] = fmt
 
-    # Per-row problems: invalid UTF-8 in any mapped column, or a JSON line that could not be parsed.
+    # Per-row problems: a JSON line that could not be parsed, invalid UTF-8 in any mapped column, an invalid id.
     errors: list[str | None] = list(jsonl_errors) if jsonl_errors is not None else [None] * n
+    statuses: list[str | None] = ["unreadable_row" if e is not None else None for e in errors]
     for name in ["id", "path", "caption", "keywords", *label_columns]:
         values = df[name]
         # Cheap vectorised screen first: only rows with a surrogate are looked at one by one.
@@ -225,6 +386,78 @@ def read_metadata(path: str | Path, columns: Mapping[str, str] | None = None, ke
                 pos, byte = _bad_utf8(values.iat[i])
                 errors[i] = (f"invalid UTF-8 in column {mapping.get(name, name)!r}: byte 0x{byte:02x} at "
                              f"character {pos} (re-encode the metadata file as UTF-8)")
+                statuses[i] = "invalid_utf8"
+    for i, error in enumerate(id_errors):
+        if error is not None and errors[i] is None:
+            errors[i], statuses[i] = error, "invalid_id"
+    df["read_status"] = pd.Series(statuses, dtype=object)
     df["read_error"] = pd.Series(errors, dtype=object)
+    df["read_note"] = pd.Series([";".join(row_notes) for row_notes in notes], dtype=object)
     return df
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A cheap fingerprint of the image folder, for Snakemake
+
+
+def image_listing(images_dir: str | os.PathLike) -> tuple[list[tuple[str, int, int]], int]:
+    """Every file under `images_dir` (recursively, symlinked files followed, symlinked folders not) as
+    (relative path, size in bytes, mtime in ns), sorted; and the newest mtime (ns) of any file or folder.
+    One `stat` per entry: no file is read, so it stays cheap at 10^5 images."""
+    root = os.fspath(images_dir)
+    entries: list[tuple[str, int, int]] = []
+    newest = 0
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        newest = max(newest, os.stat(folder).st_mtime_ns)
+        rel_folder = os.path.relpath(folder, root)
+        for name in files:
+            try:
+                st = os.stat(os.path.join(folder, name))
+            except OSError:  # a dangling symlink: listed, ingest reports it
+                st = os.lstat(os.path.join(folder, name))
+            rel = name if rel_folder == "." else f"{rel_folder}/{name}"
+            entries.append((rel.replace(os.sep, "/"), st.st_size, st.st_mtime_ns))
+            newest = max(newest, st.st_mtime_ns)
+    entries.sort()
+    return entries, newest
+
+
+LISTING_HEADER = "# path\tsize_bytes\tmtime_ns (written by dinoflow.data.collection.update_image_listing)\n"
+
+
+def update_image_listing(images_dir: str | os.PathLike, out: str | os.PathLike) -> str:
+    """Write the listing of `images_dir` to `out` (TSV) only when it changed, and return `out`.
+
+    Snakemake decides by modification times, and replacing an image in place (`cp new.jpg images/a.jpg`) does
+    not change the folder's mtime, so a rule that depends on the folder alone never re-runs. A rule that also
+    depends on this listing does: the file is rewritten when any image's path, size or mtime changes, and its
+    mtime is set to the newest mtime among the images and folders (so a first listing of images older than
+    the outputs triggers nothing), or to now when an image kept its name but changed with an old mtime
+    (`cp -p`). Unchanged, the file is left alone. A missing folder (the demo collection before it is built)
+    gives an empty listing dated 1970, older than anything.
+    """
+    out = Path(out)
+    if Path(images_dir).is_dir():
+        entries, newest = image_listing(images_dir)
+    else:
+        entries, newest = [], 0
+    text = LISTING_HEADER + "".join(f"{p}\t{size}\t{mtime}\n" for p, size, mtime in entries)
+    old = out.read_text(encoding="utf-8", errors="surrogateescape") if out.exists() else None
+    if old == text:
+        return str(out)
+    if old is not None:
+        before = {}
+        for line in old.splitlines()[1:]:
+            parts = line.rsplit("\t", 2)
+            if len(parts) == 3:
+                before[parts[0]] = (int(parts[1]), int(parts[2]))
+        if any(p in before and before[p] != (size, mtime) for p, size, mtime in entries):
+            newest = max(newest, time.time_ns())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
+    os.utime(tmp, ns=(newest, newest))
+    os.replace(tmp, out)
+    return str(out)
 

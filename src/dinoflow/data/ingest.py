@@ -2,12 +2,24 @@
 
 Every input row gets exactly one manifest row (nothing is dropped silently) with `status` `ok` or one of the
 reason codes in `REASONS`. Rows with `ok` are what later stages use. Conversions that preprocess will apply
-(CMYK, 16-bit, palette, alpha, grey → RGB; EXIF rotation) keep the row `ok` and are listed in `note`.
-A missing caption or keywords is normal and stays `ok`.
+(ICC profile → sRGB, CMYK, 16-bit, palette, alpha, grey → RGB; EXIF rotation; first frame of a multi-frame file)
+and what was read differently from the table (a file name matched after Unicode normalisation, a keyword list
+written as a Python/JSON literal) keep the row `ok` and are listed in `note` (`NOTES`). docs/ingest.md is the
+curators' guide to every status and note. A missing caption or keywords is normal and stays `ok`.
 
 Decisions worth knowing:
 - Duplicate ids: the first row (in input order) with an id keeps it, whatever its own status; later rows get
   `duplicate_id` and their image is not opened.
+- Ids are text exactly as written (leading zeros, 19-digit numbers: `collection.read_metadata` never lets them
+  through a float); surrounding whitespace is removed and noted. An id that is not a scalar, or a floating-point
+  number too large to be exact (the table's writer may already have rounded it), is `invalid_id`.
+- File names: the table's path is tried as written, then matched regardless of Unicode normalisation (macOS
+  stores "café" decomposed, NFD; tables hold it composed, NFC); the file read is the manifest's `file` column.
+  A missing file's detail names near matches (letter case, compatibility normalisation, other extension).
+- Damaged images: Pillow hides libjpeg's "Corrupt JPEG data" warnings and does not check PNG CRCs while
+  decoding, so JPEGs are decoded again by a strict libjpeg-turbo path (`jpeg_problem`), PNGs are verified chunk
+  by chunk, WebP RIFF sizes are checked: any complaint makes the row `corrupt_image` (or `truncated_image`) with
+  the decoder's message.
 - Invalid UTF-8 anywhere in a row's mapped fields (id, path, caption, keywords, labels) skips the row
   (`invalid_utf8`): mojibake text would silently corrupt the caption/keyword similarity the workflow measures.
   A file in a legacy encoding therefore fails the whole run with a count telling the user to re-encode it.
@@ -19,20 +31,28 @@ Decisions worth knowing:
   manifest and summary are written first so the user can inspect them.
 
 Scale: the per-image work (stat, header, decode) runs in a process pool over chunks; JPEGs are decoded in
-draft mode at 1/8 scale, which still reads the whole entropy-coded stream and so still finds truncation.
+draft mode at 1/8 scale, which still reads the whole entropy-coded stream and so still finds truncation (the
+strict check decodes at 1/8 scale too with simplejpeg; at full size with the torchvision fallback). File-name
+matching lists a folder once, and only when a path is not found as written.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import posixpath
+import re
+import sys
+import tempfile
+import unicodedata
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from dinoflow import paths
 from dinoflow.data.collection import read_metadata
@@ -47,6 +67,7 @@ REASONS = {
     "unreadable_row": "the metadata row itself could not be parsed",
     "invalid_utf8": "a text field of the row is not valid UTF-8",
     "missing_id": "the id is empty",
+    "invalid_id": "the id is not an identifier (a list or object, or a float too large to be exact)",
     "duplicate_id": "an earlier row already has this id",
     "missing_path": "the path is empty",
     "path_outside_images_dir": "the path leaves the image folder (absolute, '..' or a symlink out)",
@@ -56,9 +77,33 @@ REASONS = {
     "not_an_image": "not an image Pillow can identify (despite its extension)",
     "too_many_pixels": "more pixels than ingest.max_pixels (decompression-bomb guard)",
     "truncated_image": "the image data ends early",
-    "corrupt_image": "the image data cannot be decoded",
+    "corrupt_image": "the image data is damaged: the decoder failed or complained (message in detail)",
 }
-MANIFEST_COLUMNS = ("row", "id", "path", "caption", "keywords", "status", "detail", "width", "height", "note")
+NOTES = {  # `note` entries of ok rows: `code` or `code:detail`; the summary counts them by code
+    "icc->srgb": "an embedded ICC colour profile (named after ':') was converted to sRGB",
+    "icc-unusable": "an embedded ICC profile could not be applied (reason after ':'); pixels used as they are",
+    "colorspace-uncalibrated": "no ICC profile, and EXIF says the colours are not sRGB ('uncalibrated', as "
+                               "cameras in Adobe RGB mode write): pixels used as sRGB, colours may be dull",
+    "frame": "a multi-frame file (GIF, MPO, APNG, animated WebP, TIFF); `frame:1/N`: the first of N frames is used",
+    "jpeg-padding": "libjpeg found a few stray bytes after the last image block (written by some encoders); "
+                    "every block decoded, the pixels are intact",
+    "exif-rotated": "the EXIF orientation was applied",
+    "cmyk->rgb": "CMYK without a profile, converted with the naive formula",
+    "16bit->8bit": "16-bit samples reduced to 8 bits",
+    "float->8bit": "floating-point samples clipped to 0..255",
+    "palette->rgb": "a palette image expanded to RGB",
+    "alpha->white": "transparent pixels composited on white",
+    "gray->rgb": "a grey image copied to the three channels",
+    "filename-unicode": "the file's name differs from the table's only in Unicode normalisation (e.g. NFD on "
+                        "macOS); `file` has the name on disk",
+    "id-whitespace-stripped": "spaces around the id were removed",
+    "path-whitespace-stripped": "spaces around the path were removed",
+    "keywords-list-literal": "the keywords cell was a serialised list (JSON, Python or NumPy repr), read as a list",
+    "keywords-unparsed-list": "the keywords cell looks like a serialised list but could not be parsed; it was "
+                              "split on collection.keyword_separator instead",
+}
+MANIFEST_COLUMNS = ("row", "id", "path", "caption", "keywords", "status", "detail", "width", "height", "note",
+                    "file")
 
 
 def _check_path(rel: str) -> str | None:
@@ -71,6 +116,232 @@ def _check_path(rel: str) -> str | None:
     if norm == ".":
         return "path names the image folder itself"
     return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# File names as the OS stores them
+
+
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
+def _loose(name: str) -> str:
+    """Compatibility-normalised, case-folded, stripped: what a human would call "the same name"."""
+    return unicodedata.normalize("NFKC", name).casefold().strip()
+
+
+class FileNames:
+    """Finds the file a table path names under `root`, component by component.
+
+    A path found as written is used as is. Otherwise each missing component is looked up in its folder's listing
+    (read once per folder and cached) by its NFC form, so a name stored decomposed (NFD, as macOS writes
+    "café") matches the composed name in the table, and the other way round. Only canonical equivalence is
+    matched (the names look identical and are the same text for Unicode); for everything else (letter case,
+    compatibility forms such as full-width letters, spaces, another extension) `resolve` names the near matches
+    in its message and reads nothing.
+    """
+
+    def __init__(self, root: str):
+        self.root = root
+        self._listings: dict[str, tuple[list[str], dict[str, list[str]]] | None] = {}
+
+    def _listing(self, folder: str) -> tuple[list[str], dict[str, list[str]]] | None:
+        if folder not in self._listings:
+            try:
+                names = sorted(os.listdir(os.path.join(self.root, folder) if folder else self.root))
+            except OSError:
+                self._listings[folder] = None
+            else:
+                by_nfc: dict[str, list[str]] = {}
+                for name in names:
+                    by_nfc.setdefault(_nfc(name), []).append(name)
+                self._listings[folder] = (names, by_nfc)
+        return self._listings[folder]
+
+    def resolve(self, rel: str) -> tuple[str | None, str, str]:
+        """(path relative to root of the file to read, or None; note; message when None).
+
+        note is `filename-unicode:NFD` (the form of the name on disk) when a component matched only after
+        Unicode normalisation, else "".
+        """
+        if os.path.lexists(os.path.join(self.root, rel)):
+            return rel, "", ""
+        parts = [p for p in rel.split("/") if p not in ("", ".")]
+        found: list[str] = []
+        forms: set[str] = set()
+        for i, part in enumerate(parts):
+            folder = "/".join(found)
+            candidate = f"{folder}/{part}" if folder else part
+            if os.path.lexists(os.path.join(self.root, candidate)):
+                found.append(part)
+                continue
+            listing = self._listing(folder)
+            if listing is None:
+                return None, "", f"{os.path.join(self.root, folder)} is not a folder"
+            names, by_nfc = listing
+            same = by_nfc.get(_nfc(part), [])
+            if len(same) == 1:
+                found.append(same[0])
+                forms.add(_form(same[0]))
+                continue
+            where = os.path.join(self.root, folder) if folder else self.root
+            if len(same) > 1:
+                return None, "", (f"{len(same)} names in {where} match {part!r} under Unicode normalisation "
+                                  f"({', '.join(repr(n) for n in same)}): ambiguous, rename one")
+            kind = "folder" if i < len(parts) - 1 else "file"
+            hints = self._near(names, part)
+            near = f"; near match: {'; '.join(hints)}" if hints else "; no near match in that folder"
+            return None, "", f"no {kind} {part!r} in {where}{near}"
+        return "/".join(found), (f"filename-unicode:{'/'.join(sorted(forms))}" if forms else ""), ""
+
+    @staticmethod
+    def _near(names: list[str], part: str, limit: int = 3) -> list[str]:
+        """Names in the folder a person would take for `part`, each with how it differs."""
+        loose, stem, ext = _loose(part), *os.path.splitext(part)
+        hints = []
+        for name in names:
+            if name.casefold() == part.casefold() or _nfc(name).casefold() == _nfc(part).casefold():
+                why = "differs in letter case"
+            elif _loose(name) == loose:
+                why = "differs in spaces or Unicode compatibility form (e.g. full-width letters, ligatures)"
+            elif _loose(os.path.splitext(name)[0]) == _loose(stem) and ext:
+                why = f"other extension {os.path.splitext(name)[1] or '(none)'!r}"
+            else:
+                continue
+            hints.append(f"{name!r} ({why})")
+            if len(hints) == limit:
+                break
+        return hints
+
+
+def _form(name: str) -> str:
+    for form in ("NFC", "NFD"):
+        if unicodedata.normalize(form, name) == name:
+            return form
+    return "mixed"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Damaged image data that Pillow decodes without complaint
+
+
+def jpeg_problem(data: bytes) -> str | None:
+    """libjpeg-turbo's first complaint about a JPEG (or MPO) stream, or None when it decodes cleanly.
+
+    Pillow's decoder discards libjpeg's warnings ("Corrupt JPEG data: 4000 extraneous bytes before marker
+    0xd9", "premature end of data segment", "bad Huffman code"), which libjpeg emits while it fills damaged
+    blocks with grey; we decode again and treat any warning as damage. With simplejpeg (libjpeg-turbo, `strict`:
+    warnings raise) the decode is DCT-scaled to 1/8 (all entropy-coded data is still read); without it,
+    torchvision.io.decode_jpeg at full size, whose libjpeg prints warnings on the C stderr (captured here).
+    """
+    try:
+        import simplejpeg
+    except ImportError:
+        return _jpeg_problem_torchvision(data)
+    try:
+        colorspace = simplejpeg.decode_jpeg_header(data)[2]
+        simplejpeg.decode_jpeg(data, colorspace="CMYK" if colorspace in ("CMYK", "YCCK") else "GRAY",
+                               min_width=1, min_height=1, min_factor=8, strict=True)
+    except ValueError as exc:
+        return str(exc).strip() or type(exc).__name__
+    return None
+
+
+def _jpeg_problem_torchvision(data: bytes) -> str | None:
+    import torch
+    from torchvision.io import decode_jpeg
+
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        error = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates its decoders
+                decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        except RuntimeError as exc:
+            # "decode_jpeg, <source file>:<line>, Image is incomplete or truncated" → the last part
+            error = str(exc).rsplit(", ", 1)[-1].strip()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        printed = [line.strip() for line in captured.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    return error or (printed[0] if printed else None)
+
+
+def png_problem(path: str) -> str | None:
+    """Pillow's verify(): every chunk's CRC (decoding does not check the image data's), or None."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as exc:  # noqa: BLE001 - the message is the finding
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def webp_problem(data: bytes) -> tuple[str, str] | None:
+    """(status, message) when the RIFF container's sizes do not match the file, or None.
+
+    WebP has no checksum: damage inside the compressed data that libwebp decodes without error cannot be found.
+    """
+    size = len(data)
+    declared = int.from_bytes(data[4:8], "little") + 8
+    if declared > size:
+        return "truncated_image", f"RIFF header says {declared} bytes, the file has {size}"
+    pos = 12
+    while pos + 8 <= declared:
+        chunk, length = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        end = pos + 8 + length + (length & 1)
+        if end > declared:
+            return "corrupt_image", (f"WebP chunk {chunk.decode('latin-1')!r} at byte {pos} claims {length} bytes, "
+                                     f"beyond the end of the RIFF data ({declared} bytes)")
+        pos = end
+    if pos != declared:
+        return "corrupt_image", f"WebP chunks end at byte {pos}, the RIFF header says {declared}"
+    return None
+
+
+# A few stray bytes between the last entropy-coded block and the end-of-image marker: every block was decoded
+# before libjpeg met them, so nothing is lost (several cameras and encoders write such padding). Damage inside
+# the data makes the decoder finish far from the marker (thousands of bytes) or fail on a bad code or marker.
+_PADDING_BEFORE_EOI = re.compile(r"Corrupt JPEG data: (\d+) extraneous bytes before marker 0xd9$")
+MAX_PADDING_BEFORE_EOI = 32
+
+
+def integrity_problem(path: str) -> tuple[str, str] | None:
+    """(status, message) for damage the normal decode does not report (JPEG, PNG, WebP), or None.
+    status `ok` with a message: libjpeg warned about harmless padding before the end marker (noted)."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+        if head.startswith(b"\xff\xd8\xff"):
+            fh.seek(0)
+            problem = jpeg_problem(fh.read())
+            if problem is None:
+                return None
+            benign = _PADDING_BEFORE_EOI.match(problem)
+            if benign and int(benign.group(1)) <= MAX_PADDING_BEFORE_EOI:
+                return OK, problem  # padding after the last block (some encoders write it): pixels are intact
+            low = problem.lower()
+            reason = "truncated_image" if "premature end of jpeg file" in low or "truncated" in low \
+                else "corrupt_image"
+            return reason, f"libjpeg: {problem}"
+        if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+            fh.seek(0)
+            return webp_problem(fh.read())
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        problem = png_problem(path)
+        return None if problem is None else ("corrupt_image", f"PNG: {problem}")
+    return None
+
+
+def _safe_integrity_problem(path: str) -> tuple[str, str] | None:
+    try:
+        return integrity_problem(path)
+    except Exception:  # noqa: BLE001 - only used to explain a failure already found
+        return None
 
 
 class _ImageChecker:
@@ -111,16 +382,34 @@ class _ImageChecker:
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-row status, never a crash
             message = f"{type(exc).__name__}: {exc}"
             reason = "truncated_image" if "truncated" in str(exc).lower() else "corrupt_image"
+            # The strict checks often say more than Pillow ("could not create decoder object").
+            problem = _safe_integrity_problem(full)
+            if problem is not None:
+                return problem[0], f"{full}: {problem[1]} (Pillow: {message})", None, None, ""
             return reason, f"{full}: {message}", None, None, ""
+        problem = integrity_problem(full)
+        if problem is not None and problem[0] == OK:
+            notes.append(f"jpeg-padding:{problem[1]}")
+        elif problem is not None:
+            return problem[0], f"{full}: {problem[1]}", int(w), int(h), ""
         return OK, "", int(w), int(h), ";".join(notes)
 
 
+# Ids a spreadsheet rewrote in scientific notation ("1.3448E+18"): distinct ids collapse into one.
+_SCIENTIFIC = re.compile(r"^[+-]?\d(\.\d+)?[eE][+-]?\d+$")
+
+
+def _join_notes(*parts: str) -> str:
+    return ";".join(p for p in parts if p)
+
+
 def validate_rows(df: pd.DataFrame, images_dir: str, max_pixels: int, workers: int) -> pd.DataFrame:
-    """Add status, detail, width, height, note to the frame from `read_metadata` (same rows, same order)."""
+    """Add status, detail, width, height, note, file to the frame from `read_metadata` (same rows and order)."""
     n = len(df)
     status = np.full(n, OK, dtype=object)
     detail = np.full(n, "", dtype=object)
     pending = np.ones(n, dtype=bool)  # rows still to check
+    rows = df["row"].to_numpy()
 
     def mark(mask: np.ndarray, reason: str, details: Any) -> None:
         mask = mask & pending
@@ -129,45 +418,65 @@ def validate_rows(df: pd.DataFrame, images_dir: str, max_pixels: int, workers: i
         pending[mask] = False
 
     read_error = df["read_error"].to_numpy(dtype=object)
-    has_error = pd.notna(read_error)
-    # read_metadata's two kinds of row error: "invalid UTF-8 ..." or "line N: not a JSON object ..."
-    bad_text = np.array([isinstance(e, str) and e.startswith("invalid UTF-8") for e in read_error])
-    mark(has_error & bad_text, "invalid_utf8", read_error)
-    mark(has_error & ~bad_text, "unreadable_row", read_error)
+    read_status = df["read_status"].to_numpy(dtype=object)
+    for reason in ("invalid_utf8", "unreadable_row", "invalid_id"):
+        mark(read_status == reason, reason, read_error)
 
     ids = df["id"].to_numpy(dtype=object)
-    mark(pd.isna(ids), "missing_id", "empty id")
-    # The first row with an id keeps it, whatever its own status (documented above).
+    mark(pd.isna(ids), "missing_id", np.array([f"row {r}: the id is empty" for r in rows], dtype=object))
+    # The first row with an id keeps it, whatever its own status (documented above). Ids compare as exact text.
     id_series = pd.Series(ids, dtype=object)
     dup = id_series.duplicated(keep="first").to_numpy() & pd.notna(ids)
     if dup.any():
         first = ~dup & pd.notna(ids)
-        first_row = dict(zip(id_series[first], df["row"].to_numpy()[first]))
-        dup_detail = np.array([f"id {v!r} already used by row {first_row[v]}" if d else ""
-                               for v, d in zip(ids, dup)], dtype=object)
-        mark(dup, "duplicate_id", dup_detail)
+        first_row = dict(zip(id_series[first], rows[first]))
+
+        def dup_text(v: str) -> str:
+            hint = (" (it looks like a number a spreadsheet rewrote in scientific notation, which merges distinct "
+                    "ids: export ids as text)") if _SCIENTIFIC.match(v) else ""
+            return f"id {v!r} already used by row {first_row[v]}{hint}"
+
+        mark(dup, "duplicate_id", np.array([dup_text(v) if d else "" for v, d in zip(ids, dup)], dtype=object))
 
     rel_paths = df["path"].to_numpy(dtype=object)
     mark(pd.isna(rel_paths), "missing_path", "empty path")
     path_problem = np.array([_check_path(p) if isinstance(p, str) else None for p in rel_paths], dtype=object)
     mark(pd.notna(path_problem), "path_outside_images_dir", path_problem)
 
+    # File names: as written, else after Unicode normalisation (in this process: each folder is listed once).
+    files = np.full(n, None, dtype=object)
+    name_note = np.full(n, "", dtype=object)
+    names = FileNames(str(images_dir))
+    near_match = 0
+    for i in np.flatnonzero(pending):
+        found, note, message = names.resolve(rel_paths[i])
+        if found is None:
+            near_match += "near match:" in message
+            status[i], detail[i] = "missing_file", f"row {rows[i]}: path {rel_paths[i]!r}: {message}"
+            pending[i] = False
+        else:
+            files[i], name_note[i] = found, note
+
     width: list[int | None] = [None] * n
     height: list[int | None] = [None] * n
     note = np.full(n, "", dtype=object)
     todo = np.flatnonzero(pending)
     checker = _ImageChecker(str(images_dir), int(max_pixels))
-    results = parallel_map(checker, [rel_paths[i] for i in todo], workers, chunk_size=64, desc="ingest")
+    results = parallel_map(checker, [files[i] for i in todo], workers, chunk_size=64, desc="ingest")
     for i, (st, det, w, h, nt) in zip(todo, results):
         status[i], detail[i], note[i] = st, det, nt
         width[i], height[i] = w, h
 
+    read_note = df["read_note"].to_numpy(dtype=object)
     out = df.copy()
     out["status"] = status
     out["detail"] = detail
     out["width"] = pd.array(width, dtype="Int32")
     out["height"] = pd.array(height, dtype="Int32")
-    out["note"] = note
+    out["note"] = [_join_notes(r or "", fn, im) if s == OK else _join_notes(r or "", fn)
+                   for r, fn, im, s in zip(read_note, name_note, note, status)]
+    out["file"] = files
+    out.attrs["missing_with_near_match"] = int(near_match)
     return out
 
 
@@ -197,7 +506,8 @@ def manifest_table(df: pd.DataFrame, label_columns: list[str], extra_columns: li
     cols["detail"] = text(clean(df["detail"]))
     cols["width"] = pa.array(df["width"], pa.int32())
     cols["height"] = pa.array(df["height"], pa.int32())
-    cols["note"] = text(df["note"])
+    cols["note"] = text(clean(df["note"]))
+    cols["file"] = text(df["file"])
     for extra in extra_columns:
         name = f"extra_{extra}" if extra in cols else extra
         cols[name] = text(clean(df[extra]))
@@ -208,7 +518,8 @@ def summarise(df: pd.DataFrame, **extra: Any) -> dict[str, Any]:
     counts = Counter(df["status"])
     n = len(df)
     skipped = n - counts.get(OK, 0)
-    notes = Counter(part for note in df["note"] if note for part in note.split(";"))
+    # Counted by code (the part before ':'), so `frame:1/12` and `frame:1/3` are both `frame`.
+    notes = Counter(part.split(":", 1)[0] for note in df["note"] if note for part in note.split(";"))
     caption_missing = int(df.loc[df["status"] == OK, "caption"].isna().sum())
     keywords_missing = int((df.loc[df["status"] == OK, "keywords"].map(len) == 0).sum())
     return {
@@ -218,6 +529,7 @@ def summarise(df: pd.DataFrame, **extra: Any) -> dict[str, Any]:
         "skipped_fraction": skipped / n if n else 0.0,
         "by_status": dict(sorted(counts.items())),
         "notes": dict(sorted(notes.items())),
+        "missing_file_with_near_match": int(df.attrs.get("missing_with_near_match", 0)),
         "ok_without_caption": caption_missing,
         "ok_without_keywords": keywords_missing,
         **extra,
@@ -243,6 +555,9 @@ def main(params: dict[str, Any], **_: Any) -> dict[str, Any]:
 
     workers = resolve_workers(cfg.get("workers", 0))
     log.info("ingest: %d rows from %s, images in %s, %d worker(s)", len(df), coll["metadata"], images_dir, workers)
+    if importlib.util.find_spec("simplejpeg") is None:
+        log.warning("ingest: simplejpeg is not installed: JPEGs are checked with torchvision's decoder at full size "
+                    "(about 10x slower; `pip install simplejpeg`, a dinoflow dependency)")
     df = validate_rows(df, images_dir, int(cfg["max_pixels"]), workers)
 
     table = manifest_table(df, label_columns, unknown if keep_unknown else [])
@@ -254,8 +569,13 @@ def main(params: dict[str, Any], **_: Any) -> dict[str, Any]:
                         max_skipped_fraction=limit)
     write_json(paths.INGEST_SUMMARY, summary)
     reasons = ", ".join(f"{k}: {v}" for k, v in summary["by_status"].items() if k != OK) or "none"
-    log.info("ingest: %d ok, %d skipped (%s); notes: %s; manifest %s, summary %s", summary["n_ok"],
-             summary["n_skipped"], reasons, summary["notes"] or "none", paths.MANIFEST, paths.INGEST_SUMMARY)
+    (log.warning if summary["n_skipped"] else log.info)(
+        "ingest: %d ok, %d skipped (%s); notes: %s; manifest %s, summary %s", summary["n_ok"],
+        summary["n_skipped"], reasons, summary["notes"] or "none", paths.MANIFEST, paths.INGEST_SUMMARY)
+    if summary["missing_file_with_near_match"]:
+        log.warning("ingest: %d missing file(s) have a near match on disk (letter case, spaces, another "
+                    "extension): a naming problem rather than lost files? See the detail column of %s",
+                    summary["missing_file_with_near_match"], paths.MANIFEST)
     if summary["skipped_fraction"] > limit:
         raise DinoflowError(
             f"ingest: {summary['n_skipped']} of {summary['n_rows']} rows skipped "

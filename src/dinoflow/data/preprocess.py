@@ -4,8 +4,11 @@ Geometry (the same for every image): EXIF orientation applied, then
 - `crop` (default): short side resized to `size`, centre crop to `size`×`size`;
 - `pad`: long side resized to `size` (the whole image stays visible), centred on a `size`×`size` canvas of
   `pad_color`.
-Colour: CMYK, palette, 16-bit and grey images become 8-bit RGB; transparent pixels are composited on white.
-The same `open_rgb` is used by ingest, so the notes in the manifest say exactly what happens here.
+Colour: an embedded ICC profile (Adobe RGB, ProPhoto, Display P3, CMYK, grey, ...) is applied with LittleCMS
+(Pillow's ImageCms) to give sRGB, the space the models were trained in (`to_srgb`, the one place that does it);
+CMYK, palette, 16-bit and grey images become 8-bit RGB; transparent pixels are composited on white. Multi-frame
+files (GIF, MPO, animated WebP, multi-page TIFF) use their first frame. The same `open_rgb` is used by ingest, so
+the notes in the manifest say exactly what happens here.
 
 Storage — why Parquet shards of encoded bytes (`shard-00000.parquet`, … with columns `id`, `image`, `width`,
 `height`) and not one file per image: at 47k–1M images a folder of files is what makes DVC slow (it hashes,
@@ -25,6 +28,7 @@ is the image order every later stage uses. Read them with `dinoflow.data.store.I
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import multiprocessing
@@ -35,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageFile, ImageOps
 from tqdm import tqdm
 
 from dinoflow import paths
@@ -49,6 +53,7 @@ FORMATS = {"webp": "WEBP", "jpeg": "JPEG", "png": "PNG"}
 SHARD_PATTERN = "shard-{:05d}.parquet"
 ROW_GROUP_SIZE = 256  # rows per Parquet row group inside a shard: small reads without reading a whole shard
 _EXIF_ORIENTATION = 0x0112
+_EXIF_IFD, _EXIF_COLOR_SPACE, _UNCALIBRATED = 0x8769, 0xA001, 0xFFFF
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
@@ -66,6 +71,18 @@ def _no_pillow_bomb_check():
         yield
     finally:
         Image.MAX_IMAGE_PIXELS = old
+
+
+@contextlib.contextmanager
+def _strict_loading():
+    """Truncated data is an error while we decode, whatever another library set globally (Pillow's
+    `LOAD_TRUNCATED_IMAGES = True` would silently fill the missing rows with grey)."""
+    old = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
 
 
 def _png_bit_depth(im: Image.Image) -> int | None:
@@ -87,23 +104,28 @@ def upright_size(im: Image.Image) -> tuple[int, int]:
     return (h, w) if im.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
 
 
+def _grey_to_8bit(im: Image.Image, notes: list[str]) -> Image.Image:
+    """16-bit (or 32-bit) grey → 8-bit "L": keep the high byte, as Pillow does for 16-bit RGB PNGs.
+    convert("L") would clip everything above 255 to white instead."""
+    arr = np.asarray(im)
+    if im.mode == "F":
+        arr8 = np.clip(arr, 0, 255).astype(np.uint8)
+        notes.append("float->8bit")
+    else:
+        arr8 = (np.clip(arr.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+        notes.append("16bit->8bit")
+    return Image.fromarray(arr8, "L")
+
+
 def to_rgb(im: Image.Image, notes: list[str] | None = None) -> Image.Image:
-    """Any Pillow mode → 8-bit RGB; appends what was converted to `notes` (it becomes the manifest `note`)."""
+    """Any Pillow mode → 8-bit RGB; appends what was converted to `notes` (it becomes the manifest `note`).
+    Pixel values are taken as they are: colour management (ICC profiles) is `to_srgb`'s job, done before."""
     notes = [] if notes is None else notes
     mode = im.mode
     if mode == "RGB":
         return im
     if mode.startswith("I;16") or mode in ("I", "F"):
-        # 16-bit (or 32-bit) grey: keep the high byte, as Pillow does for 16-bit RGB PNGs. convert("L") would
-        # clip everything above 255 to white instead.
-        arr = np.asarray(im)
-        if mode == "F":
-            arr8 = np.clip(arr, 0, 255).astype(np.uint8)
-            notes.append("float->8bit")
-        else:
-            arr8 = (np.clip(arr.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
-            notes.append("16bit->8bit")
-        return Image.fromarray(arr8, "L").convert("RGB")
+        return _grey_to_8bit(im, notes).convert("RGB")
     if mode == "P":
         if "transparency" in im.info:
             im, mode = im.convert("RGBA"), "RGBA"
@@ -123,18 +145,131 @@ def to_rgb(im: Image.Image, notes: list[str] | None = None) -> Image.Image:
     return im.convert("RGB")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Colour management
+
+
+class IccError(ValueError):
+    """An embedded ICC profile that cannot be applied (unreadable, or made for another kind of data)."""
+
+
+def _note_text(text: str, limit: int = 60) -> str:
+    """Free text made safe inside a `;`-separated note: no separators, no line breaks, bounded length."""
+    text = " ".join(str(text).replace(";", ",").split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+@functools.lru_cache(maxsize=1)
+def _srgb() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+_PROFILE_SPACE = {"RGB": "RGB ", "L": "GRAY", "CMYK": "CMYK"}  # image mode → ICC colour space it needs
+
+
+@functools.lru_cache(maxsize=64)
+def _icc_transform(icc: bytes, mode: str) -> tuple[ImageCms.ImageCmsTransform | None, str]:
+    """(transform from the profile to sRGB for `mode` images, or None when the profile is sRGB already;
+    the profile's description). Raises IccError. Cached per process: collections use a handful of profiles."""
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        space = profile.profile.xcolor_space
+        description = (profile.profile.profile_description or "").strip() or "unnamed profile"
+    except (OSError, ImageCms.PyCMSError, ValueError, TypeError) as exc:
+        raise IccError(f"unreadable ICC profile ({exc})") from exc
+    if space != _PROFILE_SPACE[mode]:
+        raise IccError(f"ICC profile {description!r} is for {space.strip()} data, the image is {mode}")
+    out_mode = "RGB"
+    try:
+        transform = ImageCms.buildTransform(profile, _srgb(), mode, out_mode,
+                                            renderingIntent=ImageCms.Intent.PERCEPTUAL)
+    except (OSError, ImageCms.PyCMSError, ValueError, TypeError) as exc:
+        raise IccError(f"ICC profile {description!r} cannot be applied ({exc})") from exc
+    if mode == "RGB":
+        # An sRGB profile (under any name) changes nothing: check on a grid of colours rather than trusting
+        # the description, and skip the work (and the note) when every colour stays within one level.
+        grid = np.stack(np.meshgrid(*[np.linspace(0, 255, 6).round()] * 3, indexing="ij"), -1)
+        probe = Image.fromarray(grid.reshape(1, -1, 3).astype(np.uint8), "RGB")
+        moved = np.abs(np.asarray(transform.apply(probe), np.int16) - np.asarray(probe, np.int16)).max()
+        if moved <= 1:
+            return None, description
+    return transform, description
+
+
+def to_srgb(im: Image.Image, icc: bytes | None, notes: list[str] | None = None) -> Image.Image:
+    """Apply an embedded ICC profile: the image's pixels, in the profile's colour space, → sRGB (8-bit).
+
+    THE colour conversion of dinoflow (ingest and preprocess both get here through `open_rgb`). LittleCMS via
+    Pillow's ImageCms, perceptual intent (for matrix/TRC profiles such as Adobe RGB, ProPhoto and Display P3 the
+    same as relative colorimetric). Returns "RGB" (or "RGBA" when the image has alpha, kept unchanged) for RGB,
+    CMYK and grey images with a profile; the image unchanged without a profile or with an sRGB one.
+    Notes: `icc->srgb:<profile description>` when converted; `icc-unusable:<reason>` when a profile is present
+    but cannot be applied (unreadable, or made for another colour space), and the pixels are used as they are.
+    Palette and 16-bit images are reduced to 8 bits first (and noted), as the profile describes their colours.
+    """
+    notes = [] if notes is None else notes
+    if not icc:
+        return im
+    if im.mode in ("P", "PA"):
+        has_alpha = im.mode == "PA" or "transparency" in im.info
+        im = im.convert("RGBA" if has_alpha else "RGB")
+        notes.append("palette->rgb")
+    elif im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        im = _grey_to_8bit(im, notes)
+    elif im.mode == "1":
+        im = im.convert("L")
+    alpha = None
+    if im.mode in _ALPHA_MODES:
+        alpha = im.getchannel("A")
+        im = im.convert("RGB" if im.mode in ("RGBA", "RGBa") else "L")
+    if im.mode not in _PROFILE_SPACE:
+        notes.append(f"icc-unusable:{_note_text(f'no colour management for {im.mode} images')}")
+    else:
+        try:
+            transform, description = _icc_transform(bytes(icc), im.mode)
+        except IccError as exc:
+            notes.append(f"icc-unusable:{_note_text(str(exc), 120)}")
+            transform = None
+        else:
+            if transform is not None:
+                im = transform.apply(im)
+                notes.append(f"icc->srgb:{_note_text(description)}")
+    if alpha is not None:
+        im = im.convert("RGBA" if im.mode in ("RGB", "RGBA") else "LA")
+        im.putalpha(alpha)
+    return im
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Opening an image
+
+
+def frame_count(im: Image.Image) -> int:
+    """Frames in a multi-frame file (GIF, MPO, APNG, animated WebP, multi-page TIFF); 1 otherwise."""
+    try:
+        return int(getattr(im, "n_frames", 1) or 1)
+    except (OSError, ValueError, EOFError, SyntaxError):
+        return 1  # a damaged later frame: the first frame's decoding decides
+
+
 def open_rgb(path: str | os.PathLike,
              draft_size: tuple[int, int] | Callable[[int, int], tuple[int, int]] | None = None,
              max_pixels: int | None = None) -> tuple[Image.Image, list[str], tuple[int, int]]:
-    """Decode an image upright in RGB. Returns (image, notes, original upright size).
+    """Decode an image upright in sRGB. Returns (image, notes, original upright size).
 
+    The first frame of a multi-frame file (noted `frame:1/N`); EXIF orientation applied; an embedded ICC profile
+    applied (`to_srgb`); any mode made 8-bit RGB (`to_rgb`). Truncated data raises OSError.
     draft_size: for JPEGs, let libjpeg decode at 1/2, 1/4 or 1/8 scale as long as the result stays at least this
     large (DCT scaling is far faster than decoding at full size and then resizing); a callable gets the stored
     (width, height) and returns that size. max_pixels: raise
     `PixelLimitError` from the header, before anything is decoded.
     """
-    with _no_pillow_bomb_check():
-        opened = Image.open(path)
+    with _no_pillow_bomb_check(), _strict_loading():
+        return _open_rgb(path, draft_size, max_pixels)
+
+
+def _open_rgb(path, draft_size, max_pixels) -> tuple[Image.Image, list[str], tuple[int, int]]:
+    opened = Image.open(path)
     try:
         w, h = opened.size
         if max_pixels is not None and w * h > max_pixels:
@@ -143,14 +278,24 @@ def open_rgb(path: str | os.PathLike,
         # Before anything else reads the file (a PNG's getexif() loads the image and closes it).
         if _png_bit_depth(opened) == 16 and opened.mode in ("RGB", "RGBA"):
             notes.append("16bit->8bit")
+        n_frames = frame_count(opened)
+        if n_frames > 1:
+            opened.seek(0)
+            notes.append(f"frame:1/{n_frames}")
         size = upright_size(opened)
-        if draft_size is not None and opened.format == "JPEG":
+        if draft_size is not None and opened.format in ("JPEG", "MPO"):
             opened.draft(opened.mode, draft_size(w, h) if callable(draft_size) else draft_size)
         opened.load()
+        icc = opened.info.get("icc_profile")
+        if not icc and opened.getexif().get_ifd(_EXIF_IFD).get(_EXIF_COLOR_SPACE) == _UNCALIBRATED:
+            # Cameras set to Adobe RGB write "uncalibrated" here (DCF option file) and often embed no profile:
+            # the colours are not sRGB, but which space they are in is not stated. Say so; use them as they are.
+            notes.append("colorspace-uncalibrated")
         im = opened
         if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
             im = ImageOps.exif_transpose(im)
             notes.append("exif-rotated")
+        im = to_srgb(im, icc, notes)
         out = to_rgb(im, notes)
         if out is not opened:
             opened.close()
@@ -394,13 +539,18 @@ def main(params: dict[str, Any], **_: Any) -> None:
         raise DinoflowError(f"preprocess.format: {fmt!r} is not one of {', '.join(FORMATS)}")
     if not Path(paths.MANIFEST).exists():
         raise DinoflowError(f"{paths.MANIFEST}: manifest not found (run `dinoflow ingest` first)")
-    manifest = pq.read_table(paths.MANIFEST, columns=["id", "path", "status"]).to_pandas()
+    if "file" not in pq.read_schema(paths.MANIFEST).names:
+        raise DinoflowError(f"{paths.MANIFEST}: no `file` column (written by an older dinoflow): rerun "
+                            "`dinoflow ingest`")
+    manifest = pq.read_table(paths.MANIFEST, columns=["id", "file", "status"]).to_pandas()
     ok = manifest[manifest["status"] == "ok"]
     if ok.empty:
         raise DinoflowError(f"{paths.MANIFEST}: no rows with status ok, nothing to preprocess")
     images_dir = Path(params["collection"]["images_dir"])
     ids = ok["id"].astype(str).tolist()
-    files = [str(images_dir / p) for p in ok["path"]]
+    # `file`: the name on disk, which differs from the table's `path` when ingest matched it after Unicode
+    # normalisation.
+    files = [str(images_dir / p) for p in ok["file"]]
     workers = resolve_workers(cfg.get("workers", 0))
     log.info("preprocess: %d images from %s → %d px (%s, %s q%s), %d worker(s)", len(ids), images_dir, size,
              mode, fmt, cfg.get("quality", 90), workers)

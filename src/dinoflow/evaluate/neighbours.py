@@ -1,11 +1,18 @@
-"""Cosine top-k neighbours of every image (itself excluded), per model.
+"""Top-k neighbours of every image (itself excluded) under the similarity the evaluation uses, per model.
 
-Up to `neighbours.exact_max_n` images: exact search by blocked matrix products (a block of query rows against
-all vectors, `np.argpartition` per row), so memory stays O(block x N), never N x N. Above it: a FAISS index on
-L2-normalised vectors with inner-product metric: IVF by default (`neighbours.faiss_index`: `ivf`, `hnsw` or
-`flat`), the one whose build stays practical at 1M vectors on a CPU. `benchmarks/bench_neighbours.py` measures its
-recall@10 against exact search at 1M synthetic vectors.
+The similarity is the cosine of `similarity_features` rows (the `similarity` params section: with `center`, the
+collection mean is subtracted first), so that a model whose embeddings share one large common vector (a random ViT
+with LayerScale 1e-5) is ranked by what differs between images, not by float32 rounding of cosines near 1.
+Up to `neighbours.exact_max_n` images: exact search in float64 by blocked matrix products (a block of query rows
+against all vectors, `np.argpartition` per row), so memory stays O(block x N), never N x N. Above it: a FAISS
+index with inner-product metric: IVF by default (`neighbours.faiss_index`: `ivf`, `hnsw` or `flat`), the one whose
+build stays practical at 1M vectors on a CPU. FAISS works in float32 only: the rows are centred and normalised in
+float64 first and only then cast, so the float32 inner products are of well-spread values (no cancellation).
+`benchmarks/bench_neighbours.py` measures its recall@10 against exact search at 1M synthetic vectors.
+
+The stage also writes metrics/health/<model>.json (`dinoflow.evaluate.health.embedding_health`, contract 3).
 """
+
 
 from __future__ import annotations
 
@@ -20,15 +27,19 @@ from tqdm.auto import tqdm
 
 from dinoflow import paths
 from dinoflow.errors import DinoflowError
-from dinoflow.evaluate.vectors import l2_normalize, read_vectors, read_vectors_metadata
-from dinoflow.utils import get_logger
+from dinoflow.evaluate.health import HealthConfig, embedding_health
+from dinoflow.evaluate.vectors import SimilarityConfig, collection_mean, read_vectors, read_vectors_metadata, \
+    similarity_features
+from dinoflow.utils import get_logger, write_json
 
 log = get_logger(__name__)
 
-# A block of similarities is at most this many values (64 MiB of float32, plus 128 MiB of int64 argpartition
+# A block of similarities is at most this many values (128 MiB of float64, plus 128 MiB of int64 argpartition
 # indices), whatever block_size says, so that block_size x N never outgrows memory for large N.
 MAX_BLOCK_ELEMENTS = 1 << 24
 FAISS_INDEXES = ("ivf", "hnsw", "flat")
+# Arithmetic of each search path, recorded in the neighbours metadata (the report shows it).
+PRECISION = {"exact": "float64", "faiss": "float32 inner products of rows centred and normalised in float64"}
 
 
 def _block_rows(n: int, block_size: int) -> int:
@@ -49,19 +60,22 @@ def _topk_rows(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def exact_topk(x: np.ndarray, k: int, block_size: int = 4096, queries: np.ndarray | None = None,
                exclude_self: bool = True, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine top-k of each row of `x` (or of `queries`) among the rows of `x`.
+    """Exact inner-product top-k of each row of `x` (or of `queries`) among the rows of `x`.
 
-    Returns (indices (Q, k) int64, scores (Q, k) float32), sorted by score descending. With `exclude_self`
-    (only when queries is None) row i never lists itself. `x` must be L2-normalised already.
+    `x` holds similarity rows already (`similarity_features`: L2-normalised, so scores are cosines). Computed in
+    float64 when `x` is float64 (the stage's case), else in float32. Returns (indices (Q, k) int64, scores
+    (Q, k) in that dtype), sorted by score descending (ties: lower index first). With `exclude_self` (only when
+    queries is None) row i never lists itself.
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    q = x if queries is None else np.ascontiguousarray(queries, dtype=np.float32)
+    dtype = np.float64 if np.asarray(x).dtype == np.float64 else np.float32
+    x = np.ascontiguousarray(x, dtype=dtype)
+    q = x if queries is None else np.ascontiguousarray(queries, dtype=dtype)
     self_mode = queries is None and exclude_self
     n = x.shape[0]
     k = _check_k(k, n - (1 if self_mode else 0))
     rows = _block_rows(n, block_size)
     out_idx = np.empty((q.shape[0], k), dtype=np.int64)
-    out_val = np.empty((q.shape[0], k), dtype=np.float32)
+    out_val = np.empty((q.shape[0], k), dtype=dtype)
     starts = range(0, q.shape[0], rows)
     for start in tqdm(starts, desc="exact top-k", unit="block", disable=not progress):
         stop = min(start + rows, q.shape[0])
@@ -173,23 +187,39 @@ def _check_k(k: int, available: int) -> int:
     return min(k, available)
 
 
-def topk_neighbours(x: np.ndarray, k: int, cfg: dict[str, Any], seed: int = 0,
-                    progress: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
-    """Top-k of every row among the others, exact or FAISS as `cfg` (the `neighbours` params) decides.
+def similarity_rows(x: np.ndarray, center: bool, dtype: type = np.float64, block: int = 65536) -> np.ndarray:
+    """`similarity_features` of every row of `x` (N, D), centred on the collection mean (float64), computed
+    `block` rows at a time and stored as `dtype`: float32 for FAISS keeps 1M x 384 rows at 1.5 GB instead of a
+    3 GB float64 copy, with the centring (the step that cancels a large common vector) done in float64."""
+    mean = collection_mean(x) if center else None
+    out = np.empty(x.shape, dtype=dtype)
+    for s in range(0, x.shape[0], block):
+        out[s:s + block] = similarity_features(x[s:s + block], center=center, mean=mean)
+    return out
 
-    Normalises `x`. Returns (indices, scores, method) with method "exact" or "faiss-<index>".
+
+def topk_neighbours(x: np.ndarray, k: int, cfg: dict[str, Any], seed: int = 0, progress: bool = False,
+                    center: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+    """Top-k of every row of the raw embeddings `x` (N, D) among the others under the used similarity (cosine
+    of `similarity_features` rows, centred when `center`), exact or FAISS as `cfg` (the `neighbours` params)
+    decides. Stages pass `center=SimilarityConfig.from_params(params).center`; the default (plain cosine) is
+    for callers that hand in rows of their own, e.g. text embeddings. Returns (indices (N, k), scores (N, k)
+    float64, method) with method "exact" (float64 arithmetic) or "faiss-<index>" (float32 inner products of
+    rows centred and normalised in float64: `PRECISION`).
     """
-    x = l2_normalize(x)
     if x.shape[0] <= int(cfg["exact_max_n"]):
-        idx, val = exact_topk(x, k, block_size=int(cfg["block_size"]), progress=progress)
+        rows = similarity_rows(x, center, np.float64)
+        idx, val = exact_topk(rows, k, block_size=int(cfg["block_size"]), progress=progress)
         return idx, val, "exact"
     index = cfg.get("faiss_index", "ivf")
-    idx, val = faiss_topk(x, k, index=index, seed=seed, nprobe=cfg.get("faiss_nprobe"))
-    return idx, val, f"faiss-{index}"
+    rows = similarity_rows(x, center, np.float32)  # FAISS is float32: centre and normalise in float64 first
+    idx, val = faiss_topk(rows, k, index=index, seed=seed, nprobe=cfg.get("faiss_nprobe"))
+    return idx, val.astype(np.float64), f"faiss-{index}"
 
 
 def neighbours_table(ids: np.ndarray, idx: np.ndarray, scores: np.ndarray) -> pa.Table:
-    """Long table: query_id, rank (1 = nearest), neighbour_id, score. FAISS misses (-1) are left out."""
+    """Long table: query_id, rank (1 = nearest), neighbour_id, score (float64, the used similarity). FAISS
+    misses (-1) are left out."""
     n, k = idx.shape
     valid = idx >= 0
     ids = np.asarray(ids, dtype=object)
@@ -198,20 +228,33 @@ def neighbours_table(ids: np.ndarray, idx: np.ndarray, scores: np.ndarray) -> pa
     neigh = ids[np.where(valid, idx, 0)][valid]
     return pa.table({"query_id": pa.array(query, type=pa.string()), "rank": pa.array(rank),
                      "neighbour_id": pa.array(neigh, type=pa.string()),
-                     "score": pa.array(scores[valid].astype(np.float32))})
+                     "score": pa.array(scores[valid].astype(np.float64))})
 
 
 def main(params: dict[str, Any], model: str) -> None:
-    """`dinoflow neighbours --model M`: embeddings/M.parquet (CLS) -> neighbours/M.parquet."""
+    """`dinoflow neighbours --model M`: embeddings/M.parquet (CLS) -> neighbours/M.parquet and
+    metrics/health/M.json (embedding health under the `similarity` and `health` params)."""
     cfg = params["neighbours"]
+    similarity = SimilarityConfig.from_params(params)
+    health_cfg = HealthConfig.from_params(params)
+    seed = int(params["seed"])
     src = paths.embeddings(model)
     ids, x = read_vectors(src, "cls")
-    idx, scores, method = topk_neighbours(x, int(cfg["k"]), cfg, seed=int(params["seed"]), progress=True)
+    health = embedding_health(x, center=similarity.center, similarity=similarity.describe(), cfg=health_cfg,
+                              seed=seed, model=model, source=src)
+    write_json(paths.health_metrics(model), health)
+    log.info("%s: embedding health (%s, RankMe %.3g, raw cosine median %.10f) -> %s", model,
+             "DEGENERATE: " + health["reason"] if health["degenerate"] else "healthy", health["rankme"],
+             health["cosine_raw"]["median"], paths.health_metrics(model))
+    idx, scores, method = topk_neighbours(x, int(cfg["k"]), cfg, center=similarity.center, seed=seed,
+                                          progress=True)
     table = neighbours_table(ids, idx, scores)
     meta = read_vectors_metadata(src)
-    meta.update({"neighbours_method": method, "k": int(idx.shape[1]), "embedding_column": "cls"})
+    meta.update({"neighbours_method": method, "k": int(idx.shape[1]), "embedding_column": "cls",
+                 "similarity": similarity.describe(), "neighbours_precision": PRECISION[method.split("-")[0]]})
     table = table.replace_schema_metadata({b"dinoflow": json.dumps(meta, sort_keys=True, default=str).encode()})
     out = paths.neighbours(model)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out)
-    log.info("%s: top-%d neighbours of %d images (%s) -> %s", model, idx.shape[1], len(ids), method, out)
+    log.info("%s: top-%d neighbours of %d images (%s, %s) -> %s", model, idx.shape[1], len(ids),
+             similarity.describe(), method, out)

@@ -8,6 +8,7 @@ into the Parquet schema metadata as JSON under the key `dinoflow`.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -81,16 +82,58 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(norms, eps)
 
 
-def similarity_features(x: np.ndarray, center: bool = True, eps: float = 1e-12) -> np.ndarray:
+def collection_mean(x: np.ndarray) -> np.ndarray:
+    """(D,) float64 mean of the rows of `x` (N, D), accumulated in float64 without a float64 copy of `x`."""
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise DinoflowError(f"collection_mean: expected a non-empty (N, D) matrix, got shape {x.shape}")
+    return x.mean(axis=0, dtype=np.float64)
+
+
+def similarity_features(x: np.ndarray, center: bool = True, eps: float = 1e-12,
+                        mean: np.ndarray | None = None) -> np.ndarray:
     """Rows ready for cosine similarity by dot product, computed so that the result does not depend on rounding.
 
-    x: (N, D) embeddings of one collection. With `center`, the collection mean (estimated on these N rows) is
-    subtracted first: embeddings that share a large common component (e.g. a random ViT whose residual branches are
-    scaled by LayerScale 1e-5) then differ in what varies between images, not in float32 rounding of a cosine near
-    1. Always float64 (N, D). A row whose centred norm is 0 stays 0 (its similarities are 0, not NaN).
+    x: (N, D) embeddings of one collection. With `center`, the collection mean is subtracted first: `mean` when
+    given ((D,), e.g. `collection_mean` of the whole collection, so that a block or a sample of rows is centred
+    like the rest), else the mean of these N rows. Embeddings that share a large common component (e.g. a random
+    ViT whose residual branches are scaled by LayerScale 1e-5) then differ in what varies between images, not in
+    float32 rounding of a cosine near 1. Always float64 (N, D). A row whose centred norm is 0 stays 0 (its
+    similarities are 0, not NaN). The parameters come from the `similarity` params section (`SimilarityConfig`).
     """
     x = np.asarray(x, dtype=np.float64)
     if center:
-        x = x - x.mean(axis=0, keepdims=True)
+        mu = x.mean(axis=0, keepdims=True) if mean is None else np.asarray(mean, dtype=np.float64).reshape(1, -1)
+        if mu.shape[1] != x.shape[1]:
+            raise DinoflowError(f"similarity_features: mean has {mu.shape[1]} values for {x.shape[1]}-d rows")
+        x = x - mu
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > eps)
+
+
+@dataclass(frozen=True)
+class SimilarityConfig:
+    """The `similarity` params section: how every evaluation stage turns embeddings into cosine-ready rows.
+
+    center: subtract the collection mean before the cosine (`similarity_features`). Read once at a stage's
+    entry with `from_params`; `describe()` is the text written to metrics/health/<model>.json, the neighbours
+    metadata and the report.
+    """
+
+    center: bool
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "SimilarityConfig":
+        section = params.get("similarity")
+        if not isinstance(section, Mapping):
+            raise DinoflowError("params.yaml: the `similarity` section is missing (e.g. `similarity: {center: true}`)")
+        if not isinstance(section.get("center"), bool):
+            raise DinoflowError(f"similarity.center: expected true or false, got {section.get('center')!r}")
+        return cls(center=section["center"])
+
+    def describe(self) -> str:
+        return "centred cosine, float64" if self.center else "cosine, float64"
+
+    def features(self, x: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
+        """`similarity_features(x, center=self.center, mean=mean)`: float64 (N, D) rows."""
+        return similarity_features(x, center=self.center, mean=mean)

@@ -1,7 +1,10 @@
 """`dinoflow grids`: retrieval comparison grids, one figure per query image.
 
 Each figure has one row per model of params.yaml: the query image, then its top-k neighbours (the query
-itself left out) with their cosine score and caption. The queries are `neighbours.grid_query_ids` plus
+itself left out) with their score under the similarity the neighbours stage used (the `similarity` recorded in
+the neighbours metadata, e.g. "centred cosine, float64") and caption. Scores are shown with 4 significant digits,
+and near 1 as 1 - score, so that two different scores never print the same (`score_text`).
+The queries are `neighbours.grid_query_ids` plus
 `neighbours.grid_random_queries` ok images drawn with `params.seed`; their ids are written to
 `GRID_QUERIES` so that `dinoflow attention` and the report show the same images.
 """
@@ -124,6 +127,26 @@ def read_query_neighbours(path: str | Path, query_ids: Sequence[str], k: int) ->
     return out
 
 
+def read_neighbours_similarity(path: str | Path) -> str:
+    """The similarity a neighbours Parquet was ranked by (its `similarity` metadata, e.g. "centred cosine,
+    float64"). Raises DinoflowError when the file lacks it (written before the similarity section existed)."""
+    from dinoflow.evaluate.vectors import read_vectors_metadata
+
+    meta = read_vectors_metadata(path)
+    if not isinstance(meta.get("similarity"), str):
+        raise DinoflowError(f"{path}: the neighbours metadata does not say which similarity ranked them "
+                            f"(written by an older dinoflow): re-run `dinoflow neighbours`")
+    return meta["similarity"]
+
+
+def score_text(score: float) -> str:
+    """A neighbour's score as the grid prints it: 4 significant digits of the score, or of 1 - score when the
+    score is within 1e-3 of 1 (near-duplicates, raw cosines), so scores that differ print differently."""
+    if score >= 0.999:
+        return f"1−s {1.0 - score:.4g}"
+    return f"s {score:.4g}"
+
+
 def read_model_info(model: str) -> dict[str, Any] | None:
     path = Path(paths.model_info(model))
     return read_json(path) if path.exists() else None
@@ -131,8 +154,9 @@ def read_model_info(model: str) -> dict[str, Any] | None:
 
 # --------------------------------------------------------------------------------------------------- figure
 def grid_figure(query_id: str, rows: Sequence[tuple[str, list[tuple[str, float]]]], k: int,
-                get_image: Callable[[str], Any], captions: Mapping[str, str]) -> Figure:
-    """One row per model: the query, then its neighbours with score and caption below each image."""
+                get_image: Callable[[str], Any], captions: Mapping[str, str], similarity: str) -> Figure:
+    """One row per model: the query, then its neighbours with score (`score_text`: s = the used similarity)
+    and caption below each image. `similarity` names it in the title."""
     ncols = 1 + k
     fig = new_figure(1.9 * ncols + 0.8, 2.45 * len(rows) + 0.6)
     axes = fig.subplots(len(rows), ncols, squeeze=False)
@@ -151,7 +175,7 @@ def grid_figure(query_id: str, rows: Sequence[tuple[str, list[tuple[str, float]]
             ax = axes[r, c]
             if c - 1 < len(neigh):
                 nid, score = neigh[c - 1]
-                image_panel(ax, get_image(nid), f"#{c}  cos {score:.3f}", fontsize=8)
+                image_panel(ax, get_image(nid), f"#{c}  {score_text(score)}", fontsize=8)
                 ax.text(0.5, -0.04, wrap_text(captions.get(nid, ""), 24, 3), transform=ax.transAxes,
                         ha="center", va="top", fontsize=6.5, parse_math=False)
             else:
@@ -159,7 +183,7 @@ def grid_figure(query_id: str, rows: Sequence[tuple[str, list[tuple[str, float]]
                 if c == 1:
                     ax.text(0.05, 0.5, "no neighbours", transform=ax.transAxes, fontsize=8)
     height = fig.get_figheight()
-    fig.suptitle(f"nearest neighbours of {wrap_text(query_id, 60, 1)} (cosine, top {k})", fontsize=11,
+    fig.suptitle(f"nearest neighbours of {wrap_text(query_id, 60, 1)} (s = {similarity}, top {k})", fontsize=11,
                  parse_math=False, y=1 - 0.1 / height, va="top")
     fig.subplots_adjust(left=0.07, right=0.99, top=1 - 0.6 / height, bottom=0.35 / height, wspace=0.08, hspace=0.42)
     return fig
@@ -177,6 +201,7 @@ def main(params: dict[str, Any]) -> None:
                              int(params["seed"]))
     models = model_names(params)
     per_model = {m: read_query_neighbours(paths.neighbours(m), queries["all"], k) for m in models}
+    similarity = " / ".join(dict.fromkeys(read_neighbours_similarity(paths.neighbours(m)) for m in models))
     infos = {m: read_model_info(m) for m in models}
     captions = {i: caption_of(row) for i, row in ok.iterrows()}
     store = ImageStore(paths.PROCESSED_DIR)
@@ -190,10 +215,11 @@ def main(params: dict[str, Any]) -> None:
 
     for i, qid in enumerate(tqdm(queries["all"], desc="grids", unit="query")):
         rows = [(model_row_title(m, infos[m]), per_model[m].get(qid, [])) for m in models]
-        fig = grid_figure(qid, rows, k, store.get_by_id, captions)
+        fig = grid_figure(qid, rows, k, store.get_by_id, captions, similarity)
         name = query_file_name(i, qid)
         save_figure(fig, out_dir / name)
         files.append(name)
     write_json(GRID_QUERIES, {"query_ids": queries["all"], "fixed": queries["fixed"], "random": queries["random"],
-                              "seed": int(params["seed"]), "k": k, "models": models, "files": files})
+                              "seed": int(params["seed"]), "k": k, "models": models, "files": files,
+                              "similarity": similarity})
     log.info("wrote %d retrieval grids (%d models, top %d) to %s", len(files), len(models), k, out_dir)

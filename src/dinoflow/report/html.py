@@ -1,7 +1,12 @@
 """`dinoflow report`: reports/index.html (one self-contained page) and reports/metrics.json.
 
 Everything shown is read from the stage outputs (manifest, dvclive logs, metrics JSON, figures); a missing
-optional input becomes a "not run: <reason>" note instead of an error. The page has no script and makes no
+optional input becomes a "not run: <reason>" note instead of an error. The files of the evidence contracts are
+read strictly: metrics/compare.json (contract 4: values with 95% intervals, paired differences, the best model
+only where the data separate it), metrics/groups.json (contract 1), metrics/health/<model>.json (contract 3) and
+the contract-2 keys of models/<name>/info.json (how each model was trained, collapse verdict, drift); a present
+file that lacks a key its contract requires is a DinoflowError naming the file and the key.
+The page has no script and makes no
 request: CSS is inline, images are base64 `data:` URIs, and a Content-Security-Policy forbids anything else.
 All text is escaped by Jinja2's autoescaping, including everything that comes from the collection.
 """
@@ -31,9 +36,6 @@ ATTENTION_QUERIES = f"{paths.ATTENTION_DIR}/queries.json"
 # Alignment numbers shown in the comparison table (every number goes to reports/metrics.json).
 ALIGN_KEYS = {"spearman": "Spearman [95% CI]", "mantel_p": "Mantel p", "mean_query_spearman": "mean per-query Spearman",
               "mutual_knn": "mutual kNN", "n_items": "images with this text"}
-LOWER_IS_BETTER = ("mantel_p", "p_value")
-NOT_COMPARED = ("n_items", "n_pairs", "n_train", "n_test", "n_classes", "k", "n_bootstrap", "n_permutations", "ci_low",
-                "ci_high", "seed")
 PROBE_SCORES = ("top1", "top5")
 
 
@@ -107,6 +109,208 @@ def _slug(text: str) -> str:
     import re
 
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("._") or "x"
+
+
+# ------------------------------------------------------------------------------------- contract files (strict)
+CONTRACT_INFO = "contract 2: written by `dinoflow train`"
+CONTRACT_HEALTH = "contract 3: written by `dinoflow neighbours`"
+CONTRACT_COMPARE = "contract 4: written by the compare stage"
+CONTRACT_GROUPS = "contract 1: written by the groups stage"
+INFO_KEYS = ("init_values", "evaluated_network", "trainable_params", "total_params", "trainable_share", "collapse",
+             "drift")
+COLLAPSE_KEYS = ("verdict", "reason", "teacher_entropy", "log_k", "student_teacher_kl", "teacher_std", "rankme",
+                 "embed_dim")
+DRIFT_KEYS = ("median_cosine", "ci95", "n_images", "reference")
+HEALTH_KEYS = ("model", "n", "dim", "cosine_raw", "cosine_used", "rankme", "degenerate", "reason", "similarity")
+COSINE_KEYS = ("median", "p01", "p99", "std")
+GROUPS_KEYS = ("source", "column", "hash", "max_distance", "n_images", "n_groups", "n_near_duplicate_groups",
+               "n_images_in_near_duplicate_groups")
+RESAMPLING_KEYS = ("method", "n_resamples", "seed", "level")
+METRIC_KEYS = ("higher_is_better", "per_model", "pairs", "best", "verdict")
+PER_MODEL_KEYS = ("value", "ci95", "n_items", "reason")
+PAIR_KEYS = ("a", "b", "diff", "ci95", "separable")
+BASELINES = ("random", "pretrained")  # every model is compared against these first
+COLLAPSE_LABELS = {"healthy": "healthy", "uniform_collapse": "uniform collapse", "one_hot_collapse": "one-hot collapse",
+                   "dimensional_collapse": "dimensional collapse"}
+
+
+def require(obj: Any, keys: Sequence[str], path: str | Path, where: str, contract: str) -> Mapping[str, Any]:
+    """`obj` as a mapping holding every key of `keys`; else a DinoflowError naming the file, the place in it
+    (`where`, e.g. "metrics.knn_top1/group.per_model.random") and the contract."""
+    place = where or "the top level"
+    if not isinstance(obj, Mapping):
+        raise DinoflowError(f"{path}: {place} must be a JSON object, found {type(obj).__name__} ({contract})")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise DinoflowError(f"{path}: {place} lacks key(s) {', '.join(missing)} ({contract}; re-run that stage)")
+    return obj
+
+
+def read_info(model: str) -> dict[str, Any] | None:
+    """models/<model>/info.json with the contract-2 keys checked (collapse and drift: null or complete);
+    None when the file does not exist (the model is not trained yet)."""
+    info = read_model_info(model)
+    if info is None:
+        return None
+    path = paths.model_info(model)
+    require(info, INFO_KEYS, path, "", CONTRACT_INFO)
+    if info["collapse"] is not None:
+        require(info["collapse"], COLLAPSE_KEYS, path, "collapse", CONTRACT_INFO)
+        if info["collapse"]["verdict"] not in COLLAPSE_LABELS:
+            raise DinoflowError(f"{path}: collapse.verdict {info['collapse']['verdict']!r} is not one of "
+                                f"{', '.join(COLLAPSE_LABELS)} ({CONTRACT_INFO})")
+    if info["drift"] is not None:
+        require(info["drift"], DRIFT_KEYS, path, "drift", CONTRACT_INFO)
+    return info
+
+
+def read_health(models: Sequence[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """{model: metrics/health/<model>.json (contract 3, checked)} and "not run" reasons for missing files."""
+    out, reasons = {}, []
+    for m in models:
+        path = Path(paths.health_metrics(m))
+        if not path.exists():
+            reasons.append(f"embedding health of {m}: {path} not found (run `dinoflow neighbours --model {m}`)")
+            continue
+        data = require(_read_object(path), HEALTH_KEYS, path, "", CONTRACT_HEALTH)
+        for key in ("cosine_raw", "cosine_used"):
+            require(data[key], COSINE_KEYS, path, key, CONTRACT_HEALTH)
+        out[m] = dict(data)
+    return out, reasons
+
+
+def read_groups() -> tuple[dict[str, Any] | None, str | None]:
+    """(metrics/groups.json checked against contract 1, None) or (None, why it is not there)."""
+    path = Path(paths.GROUPS_SUMMARY)
+    if not path.exists():
+        return None, f"{path} not found (run the groups stage)"
+    return dict(require(_read_object(path), GROUPS_KEYS, path, "", CONTRACT_GROUPS)), None
+
+
+def read_compare(models: Sequence[str]) -> tuple[dict[str, Any] | None, str | None]:
+    """(metrics/compare.json checked against contract 4, None) or (None, why it is not there). Every model of
+    params `models` must have an entry per metric; pairs and `best` may only name those models."""
+    path = Path(paths.COMPARE_METRICS)
+    if not path.exists():
+        return None, f"{path} not found (run the compare stage)"
+    data = require(_read_object(path), ("resampling", "metrics"), path, "", CONTRACT_COMPARE)
+    require(data["resampling"], RESAMPLING_KEYS, path, "resampling", CONTRACT_COMPARE)
+    if not isinstance(data["metrics"], Mapping):
+        raise DinoflowError(f"{path}: metrics must be a JSON object ({CONTRACT_COMPARE})")
+    known = set(models)
+    for name, metric in data["metrics"].items():
+        where = f"metrics.{name}"
+        require(metric, METRIC_KEYS, path, where, CONTRACT_COMPARE)
+        require(metric["per_model"], models, path, f"{where}.per_model", CONTRACT_COMPARE)
+        for m in models:
+            require(metric["per_model"][m], PER_MODEL_KEYS, path, f"{where}.per_model.{m}", CONTRACT_COMPARE)
+        if not isinstance(metric["pairs"], list):
+            raise DinoflowError(f"{path}: {where}.pairs must be a list ({CONTRACT_COMPARE})")
+        for i, pair in enumerate(metric["pairs"]):
+            require(pair, PAIR_KEYS, path, f"{where}.pairs[{i}]", CONTRACT_COMPARE)
+            if not {pair["a"], pair["b"]} <= known:
+                raise DinoflowError(f"{path}: {where}.pairs[{i}] names a model not in params `models` "
+                                    f"({pair['a']!r}, {pair['b']!r}): re-run the compare stage")
+        if metric["best"] is not None and metric["best"] not in known:
+            raise DinoflowError(f"{path}: {where}.best {metric['best']!r} is not a model of params `models`")
+    return dict(data), None
+
+
+def interval_text(value: Any, ci: Any) -> str:
+    """"0.412 [0.401, 0.423]"; "0.412" without an interval; "–" without a value."""
+    if not is_number(value):
+        return "–"
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(is_number(c) for c in ci):
+        return f"{fmt(value)} [{fmt(ci[0])}, {fmt(ci[1])}]"
+    return fmt(value)
+
+
+def model_badges(info: Mapping[str, Any] | None, health: Mapping[str, Any] | None) -> list[dict[str, str]]:
+    """Red badges of a model wherever it is named in a table: collapsed training, degenerate embeddings."""
+    badges = []
+    collapse = (info or {}).get("collapse")
+    if collapse and collapse["verdict"] != "healthy":
+        badges.append({"text": COLLAPSE_LABELS[collapse["verdict"]], "title": str(collapse["reason"])})
+    if health and health["degenerate"]:
+        badges.append({"text": "degenerate embeddings", "title": str(health["reason"])})
+    return badges
+
+
+def pair_order(pairs: Sequence[tuple[str, str]], models: Sequence[str]) -> list[tuple[str, str]]:
+    """Pairs against the baselines (`random`, then `pretrained`) first, then the rest, in params order."""
+    def key(pair: tuple[str, str]) -> tuple:
+        base = min((BASELINES.index(x) for x in pair if x in BASELINES), default=len(BASELINES))
+        return (base, models.index(pair[0]), models.index(pair[1]))
+
+    return sorted(dict.fromkeys(pairs), key=key)
+
+
+def compare_section(compare: Mapping[str, Any], models: Sequence[str], infos: Mapping[str, Any],
+                    health: Mapping[str, Any]) -> dict[str, Any]:
+    """The comparison tables from compare.json: one row per model (value [95% CI] per metric, collapse and
+    health badges), a "best" row (the model compare.json names, else "cannot separate") and the paired
+    differences (a - b [95% CI]), pairs with the baselines first."""
+    metrics = compare["metrics"]
+    names = list(metrics)
+    rows = []
+    for m in models:
+        cells = []
+        for name in names:
+            e = metrics[name]["per_model"][m]
+            cells.append({"text": interval_text(e["value"], e["ci95"]), "best": metrics[name]["best"] == m,
+                          "note": e["reason"] or "", "n": e["n_items"]})
+        rows.append({"name": m, "badges": model_badges(infos.get(m), health.get(m)), "cells": cells})
+    best = [{"text": metrics[n]["best"] or "cannot separate", "separated": metrics[n]["best"] is not None}
+            for n in names]
+    by_pair: dict[tuple[str, str], dict[str, Mapping]] = {}
+    for name in names:
+        for pair in metrics[name]["pairs"]:
+            by_pair.setdefault((pair["a"], pair["b"]), {})[name] = pair
+    pair_rows = []
+    for a, b in pair_order(list(by_pair), list(models)):
+        cells = []
+        for name in names:
+            pr = by_pair[(a, b)].get(name)
+            cells.append({"text": interval_text(pr["diff"], pr["ci95"]) if pr else "–",
+                          "separable": bool(pr and pr["separable"])})
+        pair_rows.append({"a": a, "b": b, "cells": cells})
+    r = compare["resampling"]
+    return {"ok": True, "metrics": names,
+            "direction": {n: "higher is better" if metrics[n]["higher_is_better"] else "lower is better"
+                          for n in names},
+            "rows": rows, "best": best, "pairs": pair_rows,
+            "verdicts": [(n, metrics[n]["verdict"]) for n in names],
+            "resampling": f"{r['method']}, {r['n_resamples']} resamples, seed {r['seed']}, "
+                          f"{100 * r['level']:g}% intervals"}
+
+
+def health_rows(models: Sequence[str], infos: Mapping[str, Any], health: Mapping[str, Any]) -> list[dict]:
+    """Per model: embedding health (contract 3), collapse verdict and drift (contract 2), as page rows."""
+    rows = []
+    for m in models:
+        h, info = health.get(m), infos.get(m) or {}
+        row: dict[str, Any] = {"name": m, "badges": model_badges(infos.get(m), h)}
+        if h:
+            raw, used = h["cosine_raw"], h["cosine_used"]
+            row.update(similarity=h["similarity"], n=h["n"], dim=h["dim"],
+                       raw=f"{cosine_text(raw['median'])} [{cosine_text(raw['p01'])}, {cosine_text(raw['p99'])}]",
+                       used=f"{fmt(used['median'])} [{fmt(used['p01'])}, {fmt(used['p99'])}]",
+                       rankme=fmt(h["rankme"]), degenerate=h["degenerate"], reason=h["reason"])
+        collapse = info.get("collapse")
+        row["collapse"] = (COLLAPSE_LABELS[collapse["verdict"]], collapse["reason"]) if collapse else None
+        drift = info.get("drift")
+        row["drift"] = (f"{interval_text(drift['median_cosine'], drift['ci95'])} over {drift['n_images']} images "
+                        f"vs {drift['reference']}") if drift else None
+        rows.append(row)
+    return rows
+
+
+def cosine_text(c: Any) -> str:
+    """A raw cosine: 4 decimals, or "1 − 5.2e-10" when it is within 1e-3 of 1 (so near-identical embeddings
+    show how near)."""
+    if not is_number(c):
+        return "–"
+    return f"1 − {1 - c:.2g}" if c > 0.999 else f"{c:.4f}"
 
 
 # ------------------------------------------------------------------------------------------------ collection
@@ -292,7 +496,11 @@ def read_probes(params: dict[str, Any], models: Sequence[str]) -> tuple[dict[str
     return out, reasons
 
 
-def probes_section(probes: Mapping[str, Mapping[str, dict]], fig_dir: Path) -> list[dict[str, Any]]:
+def probes_section(probes: Mapping[str, Mapping[str, dict]], fig_dir: Path,
+                   compare: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """Per label: the probe scores of every model (point estimates; their intervals are in the comparison) and
+    the confusion matrix of the model compare.json names best on linear (else kNN) top-1, or, where the data
+    cannot separate the models, of the highest point estimate, labelled as such."""
     labels = list(dict.fromkeys(l for per in probes.values() for l in per))
     sections = []
     for label in labels:
@@ -300,11 +508,7 @@ def probes_section(probes: Mapping[str, Mapping[str, dict]], fig_dir: Path) -> l
         columns = [(clf, s) for clf in ("knn", "linear") for s in PROBE_SCORES
                    if any(is_number((probes[m][label].get(clf) or {}).get(s)) for m in models)]
         values = {m: [(probes[m][label].get(clf) or {}).get(s) for clf, s in columns] for m in models}
-        best_per_col = [max((values[m][j] for m in models if is_number(values[m][j])), default=None)
-                        for j in range(len(columns))]
-        varies = [len({values[m][j] for m in models}) > 1 for j in range(len(columns))]  # no bold when all tie
-        rows = [{"model": m, "cells": [{"text": fmt(v), "best": is_number(v) and varies[j] and v == best_per_col[j]}
-                                       for j, v in enumerate(values[m])]} for m in models]
+        rows = [{"model": m, "cells": [{"text": fmt(v), "best": False} for v in values[m]]} for m in models]
         # The best model: highest top-1 of the linear probe, else of kNN (ties: first in params order).
         rank_col = next((j for j, c in enumerate(columns) if c == ("linear", "top1")), None)
         if rank_col is None:
@@ -316,9 +520,18 @@ def probes_section(probes: Mapping[str, Mapping[str, dict]], fig_dir: Path) -> l
         entry: dict[str, Any] = {"label": label, "columns": [f"{clf} {s[:3]}-{s[3:]}" for clf, s in columns]
                                  + ["chance top-1", "test images"], "rows": rows}
         if rank_col is not None and any(is_number(values[m][rank_col]) for m in models):
-            best = max((m for m in models if is_number(values[m][rank_col])), key=lambda m: values[m][rank_col])
+            clf_name = columns[rank_col][0]
+            named = ((compare or {}).get("metrics") or {}).get(f"{clf_name}_top1/{label}")
+            if named and named["best"] in models:
+                best = named["best"]
+                entry["best_by"] = f"best {clf_name} top-1 ({named['verdict']})"
+            else:
+                best = max((m for m in models if is_number(values[m][rank_col])), key=lambda m: values[m][rank_col])
+                why = ("the data cannot separate the models" if named else
+                       f"{paths.COMPARE_METRICS} has no {clf_name}_top1/{label}: not tested")
+                entry["best_by"] = (f"highest {clf_name} top-1 point estimate {fmt(values[best][rank_col])}, "
+                                    f"not the best: {why}")
             entry["best_model"] = best
-            entry["best_by"] = f"{columns[rank_col][0]} top-1 {fmt(values[best][rank_col])}"
             clf = columns[rank_col][0]
             cm = _confusion(probes[best][label], clf)
             if cm is None:
@@ -345,16 +558,13 @@ def _spearman_text(d: Mapping[str, Any]) -> str:
 
 def comparison_rows(models: Sequence[str], align: Mapping[str, Mapping[str, dict]],
                     probes: Mapping[str, Mapping[str, dict]]) -> list[dict[str, Any]]:
-    """Rows of the all-models table: one per (text field, metric) and (label, probe, top-k)."""
+    """Rows of the details table (point estimates as the stages wrote them): one per (text field, metric) and
+    (label, probe, top-k)."""
     rows: list[dict[str, Any]] = []
 
     def add(label: str, key: str, values: list[Any], texts: list[str]) -> None:
-        nums = [v for v in values if is_number(v) and not math.isnan(v)]
-        best = None
-        if key not in NOT_COMPARED and len(set(nums)) > 1:  # all equal: nothing to single out
-            best = min(nums) if key in LOWER_IS_BETTER else max(nums)
-        rows.append({"label": label, "cells": [{"text": t, "best": best is not None and v == best}
-                                               for v, t in zip(values, texts)]})
+        # no "best" here: point estimates alone do not single out a model (compare.json does, with intervals)
+        rows.append({"label": label, "cells": [{"text": t, "best": False} for t in texts]})
 
     fields = list(dict.fromkeys(f for per in align.values() for f in per))
     for field in fields:
@@ -385,10 +595,10 @@ def comparison_rows(models: Sequence[str], align: Mapping[str, Mapping[str, dict
     return rows
 
 
-def flat_metrics(models: Sequence[str], align: Mapping[str, Mapping[str, dict]],
-                 probes: Mapping[str, Mapping[str, dict]]) -> dict[str, dict[str, Any]]:
-    """reports/metrics.json: per model, every numeric alignment and probe value (`align.<field>.<key>`,
-    `probes.<label>.<probe>.<key>`), exactly as read."""
+def detail_metrics(models: Sequence[str], align: Mapping[str, Mapping[str, dict]],
+                   probes: Mapping[str, Mapping[str, dict]]) -> dict[str, dict[str, Any]]:
+    """Per model, every numeric alignment and probe value (`align.<field>.<key>`, `probes.<label>.<probe>.<key>`),
+    exactly as read."""
     out = {}
     for m in models:
         flat = {}
@@ -396,6 +606,45 @@ def flat_metrics(models: Sequence[str], align: Mapping[str, Mapping[str, dict]],
         flat.update(flatten(probes.get(m, {}), "probes"))  # confusion matrices and class lists are lists: left out
         out[m] = dict(sorted(flat.items()))
     return out
+
+
+def report_metrics(models: Sequence[str], infos: Mapping[str, Any], health: Mapping[str, Any],
+                   compare: Mapping[str, Any] | None, details: Mapping[str, dict]) -> dict[str, Any]:
+    """reports/metrics.json: per model its training facts, embedding health, collapse verdict, drift, every
+    headline metric with its 95% interval and its paired differences (oriented model - other); per metric the
+    best model (null: the data cannot separate them) and the verdict. Values are copied, never recomputed."""
+    per_model: dict[str, Any] = {}
+    for m in models:
+        info = infos.get(m)
+        collapse = (info or {}).get("collapse")
+        entry: dict[str, Any] = {
+            "training": None if info is None else {k: info.get(k) for k in (
+                "arch", "init", "init_values", "method", "trainable", "evaluated_network", "trainable_params",
+                "total_params", "trainable_share", "stand_in", "stand_in_label")},
+            "health": health.get(m),
+            "collapse_verdict": collapse["verdict"] if collapse else None,
+            "collapse": collapse,
+            "drift": (info or {}).get("drift"),
+            "metrics": {}, "differences": {}, "details": details.get(m, {})}
+        if compare is not None:
+            for name, metric in compare["metrics"].items():
+                e = metric["per_model"][m]
+                entry["metrics"][name] = {k: e[k] for k in PER_MODEL_KEYS}
+                diffs = []
+                for pair in metric["pairs"]:
+                    if m not in (pair["a"], pair["b"]):
+                        continue
+                    sign = 1 if pair["a"] == m else -1
+                    lo, hi = (sign * c for c in pair["ci95"])
+                    diffs.append({"other": pair["b"] if sign == 1 else pair["a"], "diff": sign * pair["diff"],
+                                  "ci95": sorted([lo, hi]), "separable": pair["separable"]})
+                entry["differences"][name] = diffs
+        per_model[m] = entry
+    summary = None if compare is None else {
+        name: {"best": metric["best"], "verdict": metric["verdict"], "higher_is_better": metric["higher_is_better"]}
+        for name, metric in compare["metrics"].items()}
+    return {"resampling": None if compare is None else compare["resampling"], "metrics": summary,
+            "models": per_model}
 
 
 # ------------------------------------------------------------------------------------------ grids, attention
@@ -422,16 +671,26 @@ def build(params: dict[str, Any], fig_dir: str | Path = REPORT_FIGURES_DIR) -> t
     models = model_names(params)
     not_run: list[tuple[str, str]] = []
 
-    model_rows = []
+    model_rows, infos = [], {}
+    health, health_reasons = read_health(models)
+    not_run += [("embedding health", r) for r in health_reasons]
     for m in models:
-        info = read_model_info(m)
-        model_rows.append({"name": m, "info": info,
-                           "reason": None if info else f"{paths.model_info(m)} not found (run `dinoflow train --model {m}`)"})
+        info = infos[m] = read_info(m)
+        model_rows.append({"name": m, "info": info, "badges": model_badges(info, health.get(m)),
+                           "reason": None if info else
+                           f"{paths.model_info(m)} not found (run `dinoflow train --model {m}`)"})
 
     collection = collection_section(paths.MANIFEST, params["collection"].get("label_columns") or [])
     if not collection["ok"]:
         not_run.append(("collection", collection["reason"]))
     captions = collection.get("captions", {})
+    groups, groups_reason = read_groups()
+    if groups_reason:
+        not_run.append(("near-duplicate groups", groups_reason))
+    compare, compare_reason = read_compare(models)
+    if compare_reason:
+        not_run.append(("model comparison", compare_reason))
+    similarities = sorted({h["similarity"] for h in health.values()})
 
     text_counts = []
     if Path(TEXT_METRICS).exists():
@@ -450,6 +709,7 @@ def build(params: dict[str, Any], fig_dir: str | Path = REPORT_FIGURES_DIR) -> t
     align, align_reasons = read_align(models)
     probes, probe_reasons = read_probes(params, models)
     not_run += [("alignment", r) for r in align_reasons] + [("probes", r) for r in probe_reasons]
+    details = detail_metrics(models, align, probes)
     rows = comparison_rows(models, align, probes)
     grids = figures_section(GRID_QUERIES, captions, "grids")
     attention = figures_section(ATTENTION_QUERIES, captions, "attention")
@@ -463,6 +723,13 @@ def build(params: dict[str, Any], fig_dir: str | Path = REPORT_FIGURES_DIR) -> t
         "models": model_rows,
         "any_stand_in": any(r["info"] and r["info"].get("stand_in") for r in model_rows),
         "collection": collection,
+        "groups": groups,
+        "groups_reason": groups_reason,
+        "similarity": " / ".join(similarities) if similarities else None,
+        "health": health_rows(models, infos, health),
+        "health_not_run": health_reasons,
+        "compare": compare_section(compare, models, infos, health) if compare else {"ok": False,
+                                                                                    "reason": compare_reason},
         "text_counts": text_counts,
         "training": training,
         "finetune": finetune,
@@ -474,12 +741,12 @@ def build(params: dict[str, Any], fig_dir: str | Path = REPORT_FIGURES_DIR) -> t
                        "reason": "no alignment or probe metrics found (run `dinoflow align` / `dinoflow probes`)"},
         "alignment": alignment_charts(align, fig_dir),
         "alignment_not_run": align_reasons,
-        "probes": {"ok": bool(probes), "labels": probes_section(probes, fig_dir), "not_run": probe_reasons},
+        "probes": {"ok": bool(probes), "labels": probes_section(probes, fig_dir, compare), "not_run": probe_reasons},
         "grids": grids,
         "attention": attention,
         "not_run": not_run,
     }
-    return context, flat_metrics(models, align, probes)
+    return context, report_metrics(models, infos, health, compare, details)
 
 
 def render(context: Mapping[str, Any]) -> str:

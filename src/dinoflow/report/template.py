@@ -33,6 +33,11 @@ img { max-width: 100%; height: auto; display: block; margin: .5em 0; border: 1px
 .standin { color: #8a1010; background: #fdecec; border: 1px solid #e6a0a0; border-radius: 4px; padding: .1em .4em;
            font-weight: bold; }
 .muted { color: #666; font-size: .9em; }
+.badge { color: #fff; background: #c62828; border-radius: 4px; padding: .05em .4em; font-size: .8em;
+         font-weight: bold; white-space: nowrap; margin-left: .3em; }
+.ok { color: #1b5e20; }
+td.sep { font-weight: bold; background: #eaf6ea; }
+.scroll { overflow-x: auto; }
 .caption { font-style: italic; }
 code { background: #f2f2f2; padding: 0 .25em; border-radius: 3px; }
 header code { background: #3b5169; color: #fff; }
@@ -43,7 +48,7 @@ header code { background: #3b5169; color: #fff; }
 <h1>{{ title }}</h1>
 <div>collection <b>{{ collection_name }}</b> · {{ models|length }} model(s)</div>
 <nav>
-<a href="#models">models</a><a href="#collection">collection</a><a href="#training">training</a>
+<a href="#models">models</a><a href="#health">health</a><a href="#collection">collection</a><a href="#training">training</a>
 <a href="#comparison">comparison</a><a href="#alignment">alignment</a><a href="#probes">probes</a>
 <a href="#grids">retrieval grids</a><a href="#attention">attention maps</a>{% if not_run %}<a href="#notrun">not run</a>{% endif %}
 </nav>
@@ -55,20 +60,46 @@ header code { background: #3b5169; color: #fff; }
 <h2>Models and their weights</h2>
 {% if any_stand_in %}<p class="standin">Some models use stand-in weights: read their rows with the label below in mind.</p>{% endif %}
 <table>
-<tr><th>model</th><th>architecture</th><th>init</th><th>training</th><th>trainable</th><th>weights</th><th>note</th><th>params hash</th></tr>
+<tr><th>model</th><th>architecture</th><th>init</th><th>LayerScale init</th><th>training</th><th>evaluated network</th><th>trainable</th><th>trainable parameters</th><th>weights</th><th>note</th><th>params hash</th></tr>
 {% for m in models %}
-<tr><td><b>{{ m.name }}</b></td>
+<tr><td><b>{{ m.name }}</b>{% for b in m.badges %}<span class="badge" title="{{ b.title }}">{{ b.text }}</span>{% endfor %}</td>
 {% if m.info %}
-<td>{{ m.info.arch }}</td><td>{{ m.info.init }}</td><td>{{ m.info.method }}</td><td>{{ m.info.trainable }}</td>
+<td>{{ m.info.arch }}</td><td>{{ m.info.init }}</td><td class="num">{{ m.info.init_values if m.info.init_values is not none else "–" }}</td>
+<td>{{ m.info.method }}</td><td>{{ m.info.evaluated_network or "– (untrained)" }}</td><td>{{ m.info.trainable }}</td>
+<td class="num">{{ "{:,}".format(m.info.trainable_params) }} of {{ "{:,}".format(m.info.total_params) }} ({{ "%.1f"|format(100 * m.info.trainable_share) }}%)</td>
 <td>{{ m.info.weights_source }}</td>
 <td>{% if m.info.stand_in %}<span class="standin">{{ m.info.stand_in_label or "stand-in" }}</span>{% endif %}</td>
 <td><code>{{ m.info.params_hash }}</code></td>
 {% else %}
-<td colspan="7">{{ notrun(m.reason) }}</td>
+<td colspan="10">{{ notrun(m.reason) }}</td>
 {% endif %}
 </tr>
 {% endfor %}
 </table>
+</section>
+
+<section id="health">
+<h2>Embedding health, collapse and drift</h2>
+<p>Similarity used by the neighbours, the retrieval grids and the health numbers below:
+<b>{{ similarity or "unknown (no metrics/health file)" }}</b>. FAISS (above <code>neighbours.exact_max_n</code>
+images) works in float32: its rows are centred and normalised in float64 first.</p>
+<p class="muted">Raw cosine: cosine of the embeddings as the model outputs them, median [1st, 99th percentile] over
+sampled image pairs (float64). When every pair is within float32 rounding of 1, float32 cosine rankings would be
+noise: the embeddings are flagged degenerate. RankMe: effective rank of the raw embeddings (Garrido et al. 2023).
+Collapse: the training's own verdict (teacher entropy, KL, std). Drift: median cosine between each image's embedding
+now and under the initial weights, with its 95% interval.</p>
+<div class="scroll"><table>
+<tr><th>model</th><th>images</th><th>dim</th><th>raw cosine</th><th>used similarity</th><th>RankMe</th><th>embeddings</th><th>training collapse</th><th>drift from initial weights</th></tr>
+{% for h in health %}
+<tr><td><b>{{ h.name }}</b>{% for b in h.badges %}<span class="badge" title="{{ b.title }}">{{ b.text }}</span>{% endfor %}</td>
+{% if h.similarity %}
+<td class="num">{{ h.n }}</td><td class="num">{{ h.dim }}</td><td class="num">{{ h.raw }}</td><td class="num">{{ h.used }}</td><td class="num">{{ h.rankme }}</td>
+<td>{% if h.degenerate %}<span class="badge">degenerate</span> {{ h.reason }}{% else %}<span class="ok">healthy</span>{% endif %}</td>
+{% else %}<td colspan="6">{{ notrun("no metrics/health file for " ~ h.name) }}</td>{% endif %}
+<td>{% if h.collapse %}{% if h.collapse[0] != "healthy" %}<span class="badge">{{ h.collapse[0] }}</span>{% else %}<span class="ok">healthy</span>{% endif %} {{ h.collapse[1] }}{% else %}– (untrained){% endif %}</td>
+<td>{{ h.drift or "– (untrained)" }}</td></tr>
+{% endfor %}
+</table></div>
 </section>
 
 <section id="collection">
@@ -81,7 +112,14 @@ header code { background: #3b5169; color: #fff; }
 <tr><th>ok images with a caption</th><td class="num">{{ collection.n_caption }}</td></tr>
 <tr><th>ok images with keywords</th><td class="num">{{ collection.n_keywords }}</td></tr>
 {% for col, n in collection.label_classes %}<tr><th>classes of label <code>{{ col }}</code></th><td class="num">{{ n }}</td></tr>{% endfor %}
+{% if groups %}
+<tr><th>near-duplicate groups (2+ images)</th><td class="num">{{ groups.n_near_duplicate_groups }}</td></tr>
+<tr><th>images in near-duplicate groups</th><td class="num">{{ groups.n_images_in_near_duplicate_groups }}</td></tr>
+<tr><th>groups kept on one side of every train/test split</th><td class="num">{{ groups.n_groups }}</td></tr>
+{% endif %}
 </table>
+{% if groups %}<p class="muted">Groups: {% if groups.source == "group_column" %}the collection's column <code>{{ groups.column }}</code>{% else %}{{ groups.hash }} perceptual hashes within Hamming distance {{ groups.max_distance }}{% endif %}, over {{ groups.n_images }} images.</p>
+{% else %}{{ notrun("near-duplicate groups: " ~ groups_reason) }}{% endif %}
 <h3>Skipped rows by reason</h3>
 {% if collection.skipped %}
 <table><tr><th>reason</th><th>rows</th><th>examples (input row, id: detail)</th></tr>
@@ -119,14 +157,37 @@ header code { background: #3b5169; color: #fff; }
 </section>
 
 <section id="comparison">
-<h2>All models on every metric</h2>
-<p class="muted">Spearman: rank correlation between image and text cosine similarity over image pairs, with its 95%
-confidence interval where it was estimated from sampled pairs (exact values have none). Mantel p: permutation p-value.
-Best value per row in bold (higher is better for every metric except p-values and counts).</p>
+<h2>Which model is best: every model on every metric</h2>
+{% if compare.ok %}
+<p class="muted">Value [95% interval] per model ({{ compare.resampling }}). The best model of a metric is named only
+where its interval of difference to every other model excludes 0; otherwise the data cannot separate them.
+Red badges: training collapsed or embeddings degenerate (see <a href="#health">health</a>).</p>
+<div class="scroll"><table>
+<tr><th>model</th>{% for n in compare.metrics %}<th title="{{ compare.direction[n] }}">{{ n }}</th>{% endfor %}</tr>
+{% for row in compare.rows %}<tr><th>{{ row.name }}{% for b in row.badges %}<span class="badge" title="{{ b.title }}">{{ b.text }}</span>{% endfor %}</th>
+{% for c in row.cells %}<td class="num{% if c.best %} best{% endif %}"{% if c.note %} title="{{ c.note }}"{% endif %}>{{ c.text }}{% if c.note %}<br><span class="muted">{{ c.note }}</span>{% endif %}</td>{% endfor %}</tr>
+{% endfor %}
+<tr><th>best</th>{% for b in compare.best %}<td{% if b.separated %} class="best"{% endif %}>{{ b.text }}</td>{% endfor %}</tr>
+</table></div>
+<h3>Paired differences</h3>
+<p class="muted">a − b on the same images, [95% interval]; bold where the interval excludes 0. Pairs with the
+baselines (random, pretrained) first.</p>
+<div class="scroll"><table id="pairs">
+<tr><th>a − b</th>{% for n in compare.metrics %}<th>{{ n }}</th>{% endfor %}</tr>
+{% for p in compare.pairs %}<tr><th>{{ p.a }} − {{ p.b }}</th>{% for c in p.cells %}<td class="num{% if c.separable %} sep{% endif %}">{{ c.text }}</td>{% endfor %}</tr>
+{% endfor %}
+</table></div>
+<h3>Verdicts</h3>
+<ul>{% for n, v in compare.verdicts %}<li><code>{{ n }}</code>: {{ v }}</li>{% endfor %}</ul>
+{% else %}{{ notrun(compare.reason) }}{% endif %}
+<h3>Details: every alignment and probe number</h3>
+<p class="muted">Point estimates as the stages wrote them. Spearman: rank correlation between image and text cosine
+similarity over image pairs, with its 95% confidence interval where it was estimated from sampled pairs (exact
+values have none). Mantel p: permutation p-value.</p>
 {% if comparison.rows %}
-<table><tr><th>metric</th>{% for m in comparison.models %}<th>{{ m.name }}{% if m.stand_in %}<br><span class="standin" title="{{ m.stand_in_label }}">stand-in</span>{% endif %}</th>{% endfor %}</tr>
-{% for row in comparison.rows %}<tr><th>{{ row.label }}</th>{% for cell in row.cells %}<td class="num{% if cell.best %} best{% endif %}">{{ cell.text }}</td>{% endfor %}</tr>{% endfor %}
-</table>
+<div class="scroll"><table><tr><th>metric</th>{% for m in comparison.models %}<th>{{ m.name }}{% if m.stand_in %}<br><span class="standin" title="{{ m.stand_in_label }}">stand-in</span>{% endif %}</th>{% endfor %}</tr>
+{% for row in comparison.rows %}<tr><th>{{ row.label }}</th>{% for cell in row.cells %}<td class="num">{{ cell.text }}</td>{% endfor %}</tr>{% endfor %}
+</table></div>
 {% else %}{{ notrun(comparison.reason) }}{% endif %}
 </section>
 
@@ -144,7 +205,7 @@ Best value per row in bold (higher is better for every metric except p-values an
 <table><tr><th>model</th>{% for c in p.columns %}<th>{{ c }}</th>{% endfor %}</tr>
 {% for row in p.rows %}<tr><td>{{ row.model }}</td>{% for cell in row.cells %}<td class="num{% if cell.best %} best{% endif %}">{{ cell.text }}</td>{% endfor %}</tr>{% endfor %}
 </table>
-{% if p.confusion %}<p>Confusion matrix of the best model, <b>{{ p.best_model }}</b> ({{ p.best_by }}):</p>
+{% if p.confusion %}<p>Confusion matrix of <b>{{ p.best_model }}</b> ({{ p.best_by }}):</p>
 <img src="{{ p.confusion }}" alt="confusion matrix of {{ p.best_model }} on {{ p.label }}">
 {% elif p.confusion_reason %}{{ notrun(p.confusion_reason) }}{% endif %}
 {% endfor %}
@@ -155,8 +216,8 @@ Best value per row in bold (higher is better for every metric except p-values an
 <section id="grids">
 <h2>Retrieval grids</h2>
 {% if grids.figures %}
-<p class="muted">One row per model: the query (red frame), then its nearest neighbours by cosine similarity with
-their scores and captions.</p>
+<p class="muted">One row per model: the query (red frame), then its nearest neighbours by the used similarity
+(s = {{ similarity or "cosine" }}) with their scores (4 significant digits; 1 − s near 1) and captions.</p>
 {% for g in grids.figures %}<h3>query <code>{{ g.id }}</code></h3><p class="caption">{{ g.caption }}</p>
 <img src="{{ g.img }}" alt="neighbours of {{ g.id }}">{% endfor %}
 {% else %}{{ notrun(grids.reason) }}{% endif %}

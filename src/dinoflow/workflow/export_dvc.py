@@ -94,7 +94,8 @@ def snakemake_jobs(workdir: str | Path = ".", snakefile: str | Path | None = Non
                     wildcards=dict(job.wildcards_dict),
                     desc=" ".join(job.rule.docstring.split()) if job.rule.docstring else None,
                     cmd=job.shellcmd,
-                    deps=_unique(job.input),
+                    # Inputs flagged `snakemake_only` are Snakemake's own re-run triggers (the image listing).
+                    deps=_unique(f for f in job.input if not f.flags.get("snakemake_only")),
                     params=dvc_param_keys(job.params.items()),
                     outs=outs, metrics=metrics, plots=plots,
                     logs=_unique(job.log),

@@ -173,9 +173,10 @@ def test_context_encoder_adversarial_term_trains_the_discriminator(images):
     assert m.discriminator is not None
     before = [p.detach().clone() for p in m.discriminator.parameters()]
     values = engine.train_step(_first_batch(engine), 0)
-    assert {"reconstruction", "adversarial", "discriminator"} <= set(values)
-    assert values["loss/total"] == pytest.approx(0.999 * values["reconstruction"] + 0.001 * values["adversarial"]
-                                                 + values["discriminator"], rel=1e-5)
+    assert {"loss/reconstruction", "loss/adversarial", "loss/discriminator"} <= set(values)
+    assert values["loss/total"] == pytest.approx(0.999 * values["loss/reconstruction"]
+                                                 + 0.001 * values["loss/adversarial"] + values["loss/discriminator"],
+                                                 rel=1e-5)
     assert any(not torch.equal(a, p) for a, p in zip(before, m.discriminator.parameters()))
 
 
@@ -212,6 +213,16 @@ def test_batches_depend_only_on_the_seed(method, images):
     a = _first_batch(_engine(method, kind, images))
     torch.manual_seed(123)  # whatever the global generator did before
     b = _first_batch(_engine(method, kind, images))
+    for x, y in zip(a.views, b.views):
+        torch.testing.assert_close(x, y)
+    for k in a.targets:
+        torch.testing.assert_close(a.targets[k], b.targets[k])
+
+
+@pytest.mark.parametrize("method", ["jigsaw", "mae"])
+def test_batches_are_the_same_with_dataloader_workers(method, images):
+    a = _first_batch(_engine(method, "vit", images))
+    b = _first_batch(_engine(method, "vit", images, num_workers=2))  # view makers pickled into worker processes
     for x, y in zip(a.views, b.views):
         torch.testing.assert_close(x, y)
     for k in a.targets:

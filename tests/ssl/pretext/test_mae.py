@@ -82,9 +82,23 @@ def test_masked_targets_are_the_pixels_of_those_patches():
     torch.testing.assert_close(t[1, 0], imgs[1, :, 0:4, 4:8].permute(1, 2, 0).reshape(-1))
 
 
-def _vit() -> Encoder:
+def _vit(arch: str = "vit_small_patch14_dinov2") -> Encoder:
     torch.manual_seed(0)
-    return Encoder("vit_small_patch14_dinov2", 28, {"embed_dim": 32, "depth": 2, "num_heads": 2})
+    return Encoder(arch, 28, {"embed_dim": 32, "depth": 2, "num_heads": 2})
+
+
+def test_visible_encoder_with_register_tokens():
+    enc = _vit("vit_small_patch14_reg4_dinov2").eval()
+    assert enc.num_prefix_tokens == 5  # class token + 4 registers
+    x = torch.randn(2, 3, 28, 28)
+    keep = to_sequence_index(torch.tensor([[3, 1], [0, 2]]), 5, with_prefix=True)
+    assert keep.tolist() == [[0, 1, 2, 3, 4, 8, 6], [0, 1, 2, 3, 4, 5, 7]]
+    all_patches = to_sequence_index(torch.arange(4).expand(2, -1), 5, with_prefix=True)
+    full = VisibleEncoder(enc.model)(x, all_patches)
+    torch.testing.assert_close(full[:, 5:], enc.forward_tokens(x)["patch"])
+    m = enc.model
+    tok = lightly_utils.get_at_index(m._pos_embed(m.patch_embed(x)), keep)  # timm order: cls, registers, patches
+    torch.testing.assert_close(VisibleEncoder(m)(x, keep), m.norm(m.blocks(tok)))
 
 
 def test_visible_encoder_equals_the_backbone_when_nothing_is_hidden_and_adds_no_parameters():

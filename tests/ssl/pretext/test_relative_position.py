@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dinoflow.errors import DinoflowError
-from dinoflow.ssl.pretext.relative_position import (NEIGHBOURS, RelativePositionHead, RelativePositionViews,
+from dinoflow.ssl.pretext.relative_position import (NEIGHBOURS, drop_colors, RelativePositionHead, RelativePositionViews,
                                                     collate_relative_position, relative_position_loss)
 
 
@@ -79,3 +79,23 @@ def test_loss_is_cross_entropy_and_head_uses_the_order():
 def test_jitter_larger_than_half_the_gap_is_refused():
     with pytest.raises(DinoflowError, match="jitter"):
         RelativePositionViews(patch_size=8, gap=2, jitter=2)
+
+
+def test_color_drop_keeps_one_channel_and_replaces_the_others_by_faint_noise():
+    g = torch.Generator().manual_seed(0)
+    patch = torch.randn(3, 16, 16, generator=g) * 2.0 + 1.0
+    kept = set()
+    for seed in range(12):
+        out = drop_colors(patch, np.random.default_rng(seed))
+        same = [c for c in range(3) if torch.equal(out[c], patch[c])]
+        assert len(same) == 1
+        c = same[0]
+        kept.add(c)
+        for other in set(range(3)) - {c}:
+            assert float(out[other].std()) == pytest.approx(float(patch[c].std()) / 100, rel=0.25)
+            assert abs(float(out[other].mean())) < float(patch[c].std()) / 100
+    assert kept == {0, 1, 2}
+    views = RelativePositionViews(patch_size=8, gap=4, jitter=1, color_drop=True)
+    img = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
+    a, b = views(img, np.random.default_rng(3)), views(img, np.random.default_rng(3))
+    torch.testing.assert_close(a["anchor"], b["anchor"])

@@ -11,7 +11,7 @@ never seen by the backbone), ``batch.targets["mask"]`` ``(B, 1, S, S)`` bool (Tr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -47,13 +47,11 @@ class ContextEncoder(SSLMethod):
         decoder_dim: int = 256                # channels after the 1x1 input conv; halved per up-convolution
         adversarial_weight: float = 0.0       # the paper: 0.001; 0 = L2 only (no discriminator is built)
         discriminator_dim: int = 32
+        CHOICES: ClassVar[dict] = {"region": REGIONS}
 
         def validate(self, name: str) -> None:
             if self.crop_size is not None and self.crop_size < 1:
                 raise DinoflowError(f"methods.{name}.crop_size: must be >= 1 or null, got {self.crop_size!r}")
-            if self.region not in REGIONS:
-                raise DinoflowError(f"methods.{name}.region: must be one of {', '.join(REGIONS)}, got "
-                                    f"{self.region!r}")
             if not 0.0 < self.region_fraction < 1.0:
                 raise DinoflowError(f"methods.{name}.region_fraction: must be in (0, 1), got "
                                     f"{self.region_fraction!r}")
@@ -91,7 +89,7 @@ class ContextEncoder(SSLMethod):
         fmap, h = self.features(masked)
         prediction = self.decoder(fmap)
         rec = reconstruction_loss(prediction, full, mask)
-        out: dict[str, Any] = {"reconstruction": rec.detach(), "embeddings": h.detach()}
+        out: dict[str, Any] = {"loss/reconstruction": rec.detach(), "embeddings": h.detach()}
         if self.discriminator is None:
             out["loss"] = rec
             return out
@@ -99,6 +97,6 @@ class ContextEncoder(SSLMethod):
         boxes = batch.targets["box"]
         g_loss, d_loss = adversarial_losses(self.discriminator, crop_regions(full, boxes),
                                             crop_regions(prediction, boxes))
-        out.update(loss=(1 - w) * rec + w * g_loss + d_loss, adversarial=g_loss.detach(),
-                   discriminator=d_loss.detach())
+        out.update({"loss": (1 - w) * rec + w * g_loss + d_loss, "loss/adversarial": g_loss.detach(),
+                    "loss/discriminator": d_loss.detach()})
         return out

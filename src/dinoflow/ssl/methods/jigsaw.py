@@ -82,4 +82,4 @@ class Jigsaw(SSLMethod):
         labels = batch.targets["permutation"]
         loss = jigsaw_loss(logits, labels)
         accuracy = (logits.argmax(1) == labels).float().mean()
-        return {"loss": loss, "accuracy": accuracy.detach(), "embeddings": h[: batch.size].detach()}
+        return {"loss": loss, "pretext/accuracy": accuracy.detach(), "embeddings": h[: batch.size].detach()}

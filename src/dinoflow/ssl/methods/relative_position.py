@@ -46,6 +46,7 @@ class RelativePosition(SSLMethod):
         gap: int = 16                         # px between grid cells (the paper: half a patch)
         jitter: int = 4                       # px of random shift per patch and axis (<= gap / 2)
         crop_scale: tuple[float, float] = (0.6, 1.0)   # area of the random crop the grid is laid on
+        color_drop: bool = False              # the paper's colour dropping (against chromatic-aberration shortcuts)
         head_hidden_dim: int = 512
 
         def validate(self, name: str) -> None:
@@ -57,7 +58,7 @@ class RelativePosition(SSLMethod):
         super().__init__(backbone, cfg, setup)
         check_patch_multiple(backbone, f"methods.{self.name}", "patch_size", cfg.patch_size)
         self._views = RelativePositionViews(cfg.patch_size, cfg.gap, cfg.jitter, cfg.crop_scale,
-                                            setup.views.mean, setup.views.std)
+                                            setup.views.mean, setup.views.std, color_drop=cfg.color_drop)
         self.head = RelativePositionHead(backbone.embed_dim, cfg.head_hidden_dim)
 
     def view_maker(self) -> RelativePositionViewMaker:
@@ -71,4 +72,4 @@ class RelativePosition(SSLMethod):
         labels = batch.targets["position"]
         loss = relative_position_loss(logits, labels)
         accuracy = (logits.argmax(1) == labels).float().mean()
-        return {"loss": loss, "accuracy": accuracy.detach(), "embeddings": h_anchor.detach()}
+        return {"loss": loss, "pretext/accuracy": accuracy.detach(), "embeddings": h_anchor.detach()}

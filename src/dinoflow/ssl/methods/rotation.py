@@ -68,4 +68,4 @@ class Rotation(SSLMethod):
         logits = self.head(h)
         loss = rotation_loss(logits, labels)
         accuracy = (logits.argmax(1) == labels).float().mean()
-        return {"loss": loss, "accuracy": accuracy.detach(), "embeddings": h[: batch.size].detach()}
+        return {"loss": loss, "pretext/accuracy": accuracy.detach(), "embeddings": h[: batch.size].detach()}

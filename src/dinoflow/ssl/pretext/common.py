@@ -21,25 +21,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms import v2
 
 from dinoflow.errors import DinoflowError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dinoflow.ssl.methods.base import IMAGENET_MEAN, IMAGENET_STD, to_uint8_rgb  # noqa: F401 (re-exported)
 
 
 def to_uint8_image(image: Any) -> torch.Tensor:
-    """PIL image or ``(C, H, W)`` tensor (uint8, or float in [0, 1]) -> ``(3, H, W)`` uint8 RGB tensor."""
-    if isinstance(image, Image.Image):
-        image = image.convert("RGB") if image.mode != "RGB" else image
-    elif not isinstance(image, torch.Tensor):
-        raise DinoflowError(f"pretext views: expected a PIL image or a tensor, got {type(image).__name__}")
-    x = v2.functional.to_dtype(v2.functional.to_image(image), torch.uint8, scale=True).as_subclass(torch.Tensor)
-    if x.ndim != 3 or x.shape[0] not in (1, 3):
-        raise DinoflowError(f"pretext views: expected a (1 or 3, H, W) image, got shape {tuple(x.shape)}")
-    return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
+    """PIL image or ``(C, H, W)`` tensor (uint8, or float in [0, 1]) -> ``(3, H, W)`` uint8 RGB tensor (the view
+    seam's `dinoflow.ssl.methods.base.to_uint8_rgb`, made contiguous)."""
+    return to_uint8_rgb(image).contiguous()
 
 
 def check_positive_int(section: str, name: str, value: Any, minimum: int = 1) -> int:

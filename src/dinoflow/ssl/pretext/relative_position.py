@@ -5,8 +5,10 @@ network; a classifier on the concatenated embeddings predicts which neighbour it
 Geometry (paper Sec. 3): patches of ``patch_size`` pixels, ``gap`` pixels between grid cells so that the network
 cannot match edges, and each patch shifted by up to ``jitter`` pixels in x and y so that it cannot match lines that
 continue across the gap. The grid spans ``3 * patch_size + 2 * gap + 2 * jitter`` pixels (``region_size``): the
-image is first randomly cropped and resized to that square. Not implemented: the paper's colour projection /
-dropping against chromatic aberration.
+image is first randomly cropped and resized to that square. Against chromatic aberration (a shortcut that tells
+where a patch was in the lens' field), ``color_drop`` applies the paper's colour dropping: in each patch two of the
+three channels (chosen at random) are replaced by Gaussian noise with 1/100 of the kept channel's standard
+deviation. (The paper's other remedy, colour projection, is not implemented.)
 
 Labels follow the row-major order of the 8 neighbours (:data:`NEIGHBOURS`, the paper's Fig. 2 numbering minus 1):
 0 = top-left, 1 = top, 2 = top-right, 3 = left, 4 = right, 5 = bottom-left, 6 = bottom, 7 = bottom-right.
@@ -53,7 +55,8 @@ class RelativePositionViews:
     section = "methods.relative_position"
 
     def __init__(self, patch_size: int, gap: int, jitter: int, crop_scale: Sequence[float] = (0.6, 1.0),
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, flip: bool = True):
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, flip: bool = True,
+                 color_drop: bool = False):
         self.patch_size = check_positive_int(self.section, "patch_size", patch_size)
         self.gap = check_positive_int(self.section, "gap", gap, minimum=0)
         self.jitter = check_positive_int(self.section, "jitter", jitter, minimum=0)
@@ -63,6 +66,7 @@ class RelativePositionViews:
         self.crop_scale = check_scale(self.section, crop_scale)
         self.mean, self.std = check_mean_std(mean, std)
         self.flip = bool(flip)
+        self.color_drop = bool(color_drop)
         self.region_size = 3 * self.patch_size + 2 * self.gap + 2 * self.jitter
 
     def cell_origin(self, row: int, col: int) -> tuple[int, int]:
@@ -84,12 +88,24 @@ class RelativePositionViews:
         p = self.patch_size
 
         def cut(box: tuple[int, int]) -> torch.Tensor:
-            return normalize(region[:, box[0]: box[0] + p, box[1]: box[1] + p], self.mean, self.std)
+            patch = normalize(region[:, box[0]: box[0] + p, box[1]: box[1] + p], self.mean, self.std)
+            return drop_colors(patch, rng) if self.color_drop else patch
 
         return {"anchor": cut(anchor_box), "neighbour": cut(neighbour_box),
                 "label": torch.tensor(label, dtype=torch.long),
                 "anchor_box": torch.tensor(anchor_box, dtype=torch.long),
                 "neighbour_box": torch.tensor(neighbour_box, dtype=torch.long)}
+
+
+def drop_colors(patch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Doersch et al.'s colour dropping: keep one random channel of a ``(3, P, P)`` patch, replace the other two by
+    Gaussian noise with 1/100 of the kept channel's standard deviation (drawn from ``rng``)."""
+    keep = int(rng.integers(3))
+    scale = float(patch[keep].std()) / 100.0
+    noise = torch.from_numpy(rng.normal(0.0, 1.0, size=tuple(patch.shape)).astype(np.float32)) * scale
+    out = noise
+    out[keep] = patch[keep]
+    return out
 
 
 def collate_relative_position(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -102,14 +102,23 @@ def synthetic_images(n: int, size: int = 160, seed: int = 0) -> list:
 
 
 def train_config(sizes: dict, batch: int, steps_per_epoch: int):
+    """params.yaml's ``train`` section (parsed as the train stage does) with the benchmark's crops and batch, a
+    constant-rate schedule (no warm-up) and nothing switched on that the baseline does not do (AMP, compile,
+    gradient checkpointing)."""
+    from dataclasses import replace
+
+    import yaml
+
     from dinoflow.train.config import TrainConfig
 
-    return TrainConfig(epochs=2, batch_size=batch, num_workers=0, global_crop_size=sizes["global_crop_size"],
-                       local_crop_size=sizes["local_crop_size"], n_local_crops=sizes["n_local_crops"],
-                       global_crop_scale=(0.32, 1.0), local_crop_scale=(0.05, 0.32), lr=5e-4, min_lr=1e-6,
-                       warmup_epochs=0, weight_decay=0.04, weight_decay_end=0.04, clip_grad=3.0, amp=False,
-                       compile=False, grad_checkpointing=False, log_every=1, max_steps_per_epoch=steps_per_epoch,
-                       checkpoint_every=10_000)
+    with open(HERE.parent / "params.yaml", encoding="utf-8") as fh:
+        params = yaml.safe_load(fh)
+    return replace(TrainConfig.from_params(params), epochs=2, batch_size=batch, num_workers=0,
+                   global_crop_size=sizes["global_crop_size"], local_crop_size=sizes["local_crop_size"],
+                   n_local_crops=sizes["n_local_crops"], global_crop_scale=(0.32, 1.0),
+                   local_crop_scale=(0.05, 0.32), lr=5e-4, min_lr=1e-6, warmup_epochs=0, weight_decay=0.04,
+                   weight_decay_end=0.04, clip_grad=3.0, amp=False, compile=False, grad_checkpointing=False,
+                   log_every=1, max_steps_per_epoch=steps_per_epoch, checkpoint_every=10_000)
 
 
 def make_encoder(spec: dict, img_size: int):

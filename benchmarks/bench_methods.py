@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import platform
 import statistics
@@ -614,6 +615,48 @@ def measure(sides: dict[str, Callable], warmup: int, reps: int) -> dict[str, dic
     return times
 
 
+def write_markdown(result: dict[str, Any], path: Path) -> str:
+    """The result table of a run (``result`` as written to the JSON) -> ``path``; returns the text."""
+    mode, sizes, batch = result["mode"], result["sizes"], result["batch"]
+    vit, cnn = result["backbones"]["vit"], result["backbones"]["cnn"]
+    what_if = (" -- what-if: the engine's AdamW with fused=True, the baseline's plain AdamW"
+               if result.get("engine_optimizer") == "fused" else "")
+    md = [f"# Training step per method: dinoflow engine vs lightly ({mode}){what_if}", "",
+          f"Command: `{result['command']}`" + (f"; table re-rendered from `{result['rendered_from']}` with "
+                                               "`--render`  " if "rendered_from" in result else "  "),
+          f"Backbones: ViT `{vit['arch']}` {vit['kwargs']}, CNN `{cnn['arch']}` {cnn['kwargs'] or '(timm default)'}; "
+          f"batch {batch}; views per image as each method's view maker makes them (column `views`: count x px; "
+          f"global crops {sizes['global_crop_size']} px, SwAV / DINO + {sizes['n_local_crops']} local crops of "
+          f"{sizes['local_crop_size']} px), the same tensors on both sides; heads: each method's "
+          f"{'quick-mode' if mode == 'quick' else 'default'} `methods.<name>` sizes on both sides; AdamW, "
+          f"clip_grad 3.0 on both sides; CPU, {result['threads']} thread, {result['warmup']} warm-up step(s) per "
+          f"side, {result['reps']} alternating repetitions; load average at the end {result['load_average_at_end']} "
+          "on the shared 2-core machine.", "",
+          "Times are the CPU time of this single-threaded process per step (`time.process_time`; on an idle machine "
+          "it equals the wall time, on this shared one it is what the step itself costs, not the time slices other "
+          "jobs take); median over the repetitions. `ratio` = dinoflow images/s / baseline images/s as the median "
+          "of the paired per-repetition ratios (each pair measured back to back), with its 95% bootstrap interval "
+          "over the repetitions; `ratio of medians` divides the two medians (the same quantity, unpaired: the two "
+          "differ by the noise of the repetitions); >= 1.00 means dinoflow is at least as fast. Wall-clock: the "
+          "paired ratio on wall time (all figures in the JSON).", "",
+          "| method | backbone | views | baseline | dinoflow step (s) | baseline step (s) | dinoflow img/s | "
+          "baseline img/s | ratio | 95% CI | ratio of medians | wall-clock ratio |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        c = r["cpu"]
+        ips = c["images_per_s"]
+        md.append(f"| {r['method']} | {r['backbone']} | {views_label(r['shape']['views'])} | {r['baseline']} | "
+                  f"{c['median_step_s']['dinoflow']:.3f} | {c['median_step_s']['baseline']:.3f} | "
+                  f"{ips['dinoflow']:.1f} | {ips['baseline']:.1f} | {c['ratio']:.2f} | "
+                  f"[{c['ratio_ci95'][0]:.2f}, {c['ratio_ci95'][1]:.2f}] | {ips['dinoflow'] / ips['baseline']:.2f} | "
+                  f"{r['wall']['ratio']:.2f} |")
+    md += ["", "Baseline of each method (lightly 1.6 parts, or a plain PyTorch step where lightly has none):", ""]
+    md += [f"- {m}: {w}" for m, w in dict((r["method"], r["baseline_parts"]) for r in result["rows"]).items()]
+    text = "\n".join(md) + "\n"
+    path.write_text(text, encoding="utf-8")
+    return text
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -624,9 +667,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="timed steps per side (default 9; quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per side first (default 1)")
     ap.add_argument("--out", default=str(HERE / "results"), help="results folder")
+    ap.add_argument("--render", metavar="JSON", default=None,
+                    help="only rewrite the .md table next to a results JSON of an earlier run")
     ap.add_argument("--engine-optimizer", choices=["default", "fused"], default="default",
                     help="what-if: the engine's AdamW with fused=True (results named methods_fused_adamw*)")
     args = ap.parse_args(argv)
+    if args.render:
+        src = Path(args.render)
+        result = dict(json.loads(src.read_text(encoding="utf-8")), rendered_from=src.name)
+        print(write_markdown(result, src.with_suffix(".md")))
+        return 0
 
     torch.set_num_threads(1)
     mode = "quick" if args.quick else "full"
@@ -687,37 +737,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{name}.json", result)
-    vit, cnn = BACKBONES[mode]["vit"], BACKBONES[mode]["cnn"]
-    what_if = (" -- what-if: the engine's AdamW with fused=True, the baseline's plain AdamW"
-               if args.engine_optimizer == "fused" else "")
-    md = [f"# Training step per method: dinoflow engine vs lightly ({mode}){what_if}", "",
-          f"Command: `{cmd}`  ",
-          f"Backbones: ViT `{vit['arch']}` {vit['kwargs']}, CNN `{cnn['arch']}` {cnn['kwargs'] or '(timm default)'}; "
-          f"batch {batch}; views per image as each method's view maker makes them (column `views`: count x px; "
-          f"global crops {sizes['global_crop_size']} px, SwAV / DINO + {sizes['n_local_crops']} local crops of "
-          f"{sizes['local_crop_size']} px), the same tensors on both sides; heads: each method's "
-          f"{'quick-mode' if mode == 'quick' else 'default'} `methods.<name>` sizes on both sides; AdamW, "
-          f"clip_grad 3.0 on both sides; CPU, {torch.get_num_threads()} thread, {warmup} warm-up step(s) per side, "
-          f"median of {reps} alternating repetitions; load average at the end {load} on the shared 2-core machine.",
-          "",
-          "Times are the CPU time of this single-threaded process per step (`time.process_time`; on an idle machine "
-          "it equals the wall time, on this shared one it is what the step itself costs, not the time slices other "
-          "jobs take); wall-clock figures are in the JSON and in the last column. ratio = dinoflow images/s / "
-          "baseline images/s, the median of the paired per-repetition ratios, with its 95% bootstrap interval over "
-          "the repetitions; >= 1.00 means dinoflow is at least as fast.", "",
-          "| method | backbone | views | baseline | dinoflow step (s) | baseline step (s) | dinoflow img/s | "
-          "baseline img/s | ratio | 95% CI | wall-clock ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        c = r["cpu"]
-        md.append(f"| {r['method']} | {r['backbone']} | {views_label(r['shape']['views'])} | {r['baseline']} | "
-                  f"{c['median_step_s']['dinoflow']:.3f} | "
-                  f"{c['median_step_s']['baseline']:.3f} | {c['images_per_s']['dinoflow']:.1f} | "
-                  f"{c['images_per_s']['baseline']:.1f} | {c['ratio']:.2f} | "
-                  f"[{c['ratio_ci95'][0]:.2f}, {c['ratio_ci95'][1]:.2f}] | {r['wall']['ratio']:.2f} |")
-    md += ["", "Baseline of each method (lightly 1.6 parts, or a plain PyTorch step where lightly has none):", ""]
-    md += [f"- {m}: {w}" for m, w in dict((r["method"], r["baseline_parts"]) for r in rows).items()]
-    (out / f"{name}.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    print("\n".join(md))
+    md = write_markdown(result, out / f"{name}.md")
+    print(md)
     print(f"results -> {out / name}.json / .md")
     return 0
 

@@ -65,3 +65,22 @@ def test_bootstrap_interval_of_the_median(bench):
 def test_views_label_groups_consecutive_sizes(bench):
     assert bench.views_label([[3, 56, 56], [3, 56, 56], [3, 28, 28], [3, 28, 28], [3, 28, 28]]) == "2x56 + 3x28"
     assert bench.views_label([[3, 42, 42]] * 9) == "9x42"
+
+
+def test_render_rewrites_the_table_from_the_json(bench, tmp_path):
+    row = {"method": "simclr", "backbone": "vit", "baseline": "lightly", "baseline_parts": "NTXentLoss",
+           "shape": {"views": [[3, 56, 56], [3, 56, 56]], "batch": 8},
+           "cpu": {"median_step_s": {"dinoflow": 0.5, "baseline": 0.4}, "images_per_s": {"dinoflow": 16.0,
+                   "baseline": 20.0}, "ratio": 0.81, "ratio_ci95": [0.7, 0.9]},
+           "wall": {"ratio": 0.79}}
+    result = {"command": "python benchmarks/bench_methods.py", "mode": "full", "batch": 8, "reps": 3, "warmup": 1,
+              "sizes": {"global_crop_size": 56, "local_crop_size": 28, "n_local_crops": 4}, "threads": 1,
+              "backbones": {"vit": {"arch": "a", "kwargs": {}}, "cnn": {"arch": "b", "kwargs": {}}},
+              "load_average_at_end": "1.0", "rows": [row]}
+    src = tmp_path / "methods.json"
+    src.write_text(json.dumps(result), encoding="utf-8")
+    assert bench.main(["--render", str(src)]) == 0
+    md = (tmp_path / "methods.md").read_text(encoding="utf-8")
+    # slower dinoflow is shown as such: ratio, interval and ratio of medians (16 / 20) all below 1
+    assert "| simclr | vit | 2x56 | lightly | 0.500 | 0.400 | 16.0 | 20.0 | 0.81 | [0.70, 0.90] | 0.80 | 0.79 |" in md
+    assert "re-rendered from `methods.json`" in md

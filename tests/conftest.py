@@ -33,7 +33,9 @@ def tiny_params(collection: dict) -> dict:
     params["lr_search"].update({"n_trials": 2, "max_steps": 2})
     params["embed"]["batch_size"] = 8
     params["neighbours"].update({"k": 3, "grid_random_queries": 2, "grid_k": 3})
-    params["align"].update({"exact_max_n": 1000, "n_bootstrap": 20, "n_permutations": 19})
+    params["align"].update({"exact_max_n": 1000, "n_permutations": 19})
+    params["collection"].setdefault("group_column", None)
+    params["compare"].update({"n_resamples": 200, "n_pairs": 500})
     params["probes"]["knn_k"] = 5
     return params
 

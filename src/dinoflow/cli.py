@@ -46,13 +46,18 @@ STAGES: tuple[Stage, ...] = (
           "Retrieval comparison grids: for each query, one row per model with its top-k neighbours."),
     Stage("attention", "dinoflow.report.attention:main",
           "Last-layer CLS attention maps per head (ViTs) or feature-norm saliency (CNNs) for the query images."),
+    Stage("groups", "dinoflow.evaluate.groups:main",
+          "Near-duplicate groups (collection.group_column, or perceptual-hash components) that no split may cut."),
     Stage("embed-text", "dinoflow.evaluate.text:main",
           "Sentence-transformer embeddings of captions and keyword descriptors, to Parquet."),
     Stage("align", "dinoflow.evaluate.align:main",
-          "Spearman (exact or sampled with bootstrap CI), Mantel p-value and mutual-kNN between image and text "
-          "similarity for one model.", (MODEL_OPT,)),
+          "Spearman (exact or sampled), Mantel p-value and tie-aware mutual-kNN between image and text similarity "
+          "for one model; per-image results for compare.", (MODEL_OPT,)),
     Stage("probes", "dinoflow.evaluate.probes:main",
-          "Weighted kNN and linear probes (top-1/top-5) on the label columns for one model.", (MODEL_OPT,)),
+          "Weighted kNN and linear probes (top-1/top-5, C by grouped CV) on the label columns for one model, on a "
+          "grouped split; per-image results for compare.", (MODEL_OPT,)),
+    Stage("compare", "dinoflow.evaluate.compare:main",
+          "95% bootstrap intervals over images for every metric and model, and paired differences between models."),
     Stage("report", "dinoflow.report.html:main",
           "Write reports/index.html (self-contained) and reports/metrics.json."),
     Stage("prepare-run", "dinoflow.workflow.run_dir:main",

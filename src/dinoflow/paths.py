@@ -69,6 +69,16 @@ def probe_metrics(model: str) -> str:
     return f"metrics/probes/{model}.json"
 
 
+def probe_items(model: str) -> str:
+    """Parquet: per test image of each label column, tie-aware kNN / linear correctness at top-1 and top-5."""
+    return f"metrics/items/probes/{model}.parquet"
+
+
+def align_items(model: str) -> str:
+    """Parquet: per image of each text field, its tie-aware mutual-kNN overlap."""
+    return f"metrics/items/align/{model}.parquet"
+
+
 def health_metrics(model: str) -> str:
     """JSON: embedding health of a model (spread of pairwise cosines, RankMe, degenerate flag)."""
     return f"metrics/health/{model}.json"

@@ -96,6 +96,10 @@ def test_build_joins_and_composites(fake_packages, tmp_path):
     assert row.loc["270b-1f3ff", "keywords"] == "hand;stop"  # skin variants inherit the base tags
     assert (row.loc["00a9-fe0f", "group"], row.loc["00a9-fe0f", "subgroup"]) == ("symbols", "alphanum")
     assert row.loc["270b", "group"] == "people-body"
+    # skin-tone variants share their base emoji's family (the demo's group column); others are their own family
+    assert row.loc["270b", "family"] == row.loc["270b-1f3ff", "family"] == "270b"
+    assert row.loc["00a9-fe0f", "family"] == "a9" and row.loc["1f600", "family"] == "1f600"
+    assert demo.family("1F9D1-1F3FB-200D-1F91D-200D-1F9D1-1F3FC") == demo.family("1F9D1-200D-1F91D-200D-1F9D1")
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(meta["path"])
 
     def pixel(image_id):

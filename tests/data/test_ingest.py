@@ -255,3 +255,11 @@ def test_jsonl_with_a_broken_line(tiny_collection, workspace, tmp_path):
     manifest, summary = run(params)
     assert manifest["status"].tolist() == ["ok", "unreadable_row", "ok", "ok"]
     assert manifest["detail"][1].startswith("line 2: not a JSON object")
+
+
+def test_group_column_is_kept_in_the_manifest_not_reported_unknown(messy):
+    params = copy.deepcopy(messy)
+    params["collection"]["group_column"] = "photographer"
+    manifest, summary = run(params)
+    assert summary["unknown_columns"] == []
+    assert set(manifest["photographer"].dropna()) == {"someone"}

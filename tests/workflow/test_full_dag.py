@@ -20,7 +20,7 @@ MODELS = [
 ]
 # (section, key, value): read by the report only; by the probes of every model; by nobody (demo disabled).
 SNAKEMAKE_EDITS = [("report", "title", "another title"), ("probes", "knn_k", 3), ("demo", "limit", 7)]
-DVC_EDITS = [("report", "title", "a third title"), ("align", "n_bootstrap", 10)]
+DVC_EDITS = [("report", "title", "a third title"), ("align", "n_permutations", 9)]
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_whole_dag_snakemake_then_dvc(ws):
     everything = {(s.rule, s.wildcards.get("model")) for s in specs}
     assert {r for r, _ in everything} == {"ingest", "preprocess", "lr_search", "init_model", "train", "embed",
                                           "neighbours", "embed_text", "align", "probes", "grids", "attention",
-                                          "report"}
+                                          "groups", "compare", "report"}
     assert snakemake(ws, [], specs=specs) == everything
     assert (ws / paths.REPORT_HTML).exists() and (ws / paths.REPORT_METRICS).exists()
     assert snakemake(ws, [], specs=specs) == set(), "a second run must do nothing"

@@ -1,4 +1,5 @@
-# Evaluation stages, per model: embeddings, neighbours, image-text alignment, probes; text embeddings once.
+# Evaluation stages, per model: embeddings, neighbours, image-text alignment, probes; text embeddings, near-
+# duplicate groups and the comparison of all models once.
 
 TEXT_FIELDS = ("caption", "keywords")
 
@@ -75,15 +76,40 @@ rule embed_text:
         "dinoflow embed-text > {log} 2>&1"
 
 
+rule groups:
+    """Near-duplicate groups (collection.group_column or perceptual-hash components) kept whole in every split."""
+    input:
+        index=paths.PROCESSED_INDEX,
+        manifest=paths.MANIFEST,
+        metadata=[config["collection"]["metadata"]] if config["collection"].get("group_column") else [],
+    output:
+        groups=paths.GROUPS,
+        summary=metric(paths.GROUPS_SUMMARY),
+    params:
+        **sections("collection", "groups"),
+    log:
+        f"{LOG}/groups.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "dinoflow groups > {log} 2>&1"
+
+
 rule align:
     """Spearman / Mantel / mutual-kNN between image and text similarity, per text field."""
     input:
         paths.embeddings("{model}"),
         [paths.text_embeddings(f) for f in TEXT_FIELDS],
+        paths.TEXT_METRICS,
     output:
         metric(paths.align_metrics("{model}")),
+        paths.align_items("{model}"),
     params:
-        **sections("seed", "neighbours", "align"),
+        **sections("seed", "align"),
     log:
         model_log("align"),
     conda:
@@ -101,8 +127,10 @@ rule probes:
     input:
         paths.embeddings("{model}"),
         paths.MANIFEST,
+        paths.GROUPS,
     output:
         metric(paths.probe_metrics("{model}")),
+        paths.probe_items("{model}"),
     params:
         **sections("seed", "collection", "probes"),
     log:
@@ -115,3 +143,29 @@ rule probes:
         runtime=60,
     shell:
         "dinoflow probes --model {wildcards.model} > {log} 2>&1"
+
+
+rule compare:
+    """Bootstrap 95% intervals over images of every metric and model, and paired differences between models."""
+    input:
+        expand(paths.probe_metrics("{model}"), model=MODELS),
+        expand(paths.probe_items("{model}"), model=MODELS),
+        expand(paths.align_metrics("{model}"), model=MODELS),
+        expand(paths.align_items("{model}"), model=MODELS),
+        expand(paths.embeddings("{model}"), model=MODELS),
+        [paths.text_embeddings(f) for f in TEXT_FIELDS],
+        paths.GROUPS,
+    output:
+        metric(paths.COMPARE_METRICS),
+    params:
+        **sections("seed", "models", "compare"),
+    log:
+        f"{LOG}/compare.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "dinoflow compare > {log} 2>&1"

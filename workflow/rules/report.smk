@@ -69,8 +69,8 @@ rule report:
         align=expand(paths.align_metrics("{model}"), model=MODELS),
         probes=expand(paths.probe_metrics("{model}"), model=MODELS),
         health=expand(paths.health_metrics("{model}"), model=MODELS),
-        compare=paths.COMPARE_METRICS,  # written by the compare rule (engineer "stats")
-        groups=paths.GROUPS_SUMMARY,  # written by the groups rule (engineer "stats")
+        compare=paths.COMPARE_METRICS,
+        groups=paths.GROUPS_SUMMARY,
         grids=paths.GRIDS_DIR,
         attention=paths.ATTENTION_DIR,
     output:

@@ -23,6 +23,11 @@ unless it is a serialised list — a JSON array, a Python list/tuple literal (wh
 list) or a NumPy array repr (`['red' 'circle']`) — which is read as a list without evaluating anything
 (`json`, then Python's tokenizer with `ast.literal_eval` on single string tokens).
 
+Text files are UTF-8, or UTF-8/16/32 with a byte-order mark (Excel's "Unicode Text" is UTF-16); a CSV whose
+header is one column with `,` is read with `;` or tab when that gives the id and path columns (Excel in locales
+with a decimal comma), and Excel's `sep=;` first line is honoured. A CSV header naming a column twice and a JSON
+line with a key twice are refused (pandas / json would silently pick one copy).
+
 Invalid UTF-8 is decoded with `surrogateescape`, so each bad byte survives as a lone surrogate (U+DC80..U+DCFF)
 that we can find and report per row, instead of one decode error that stops the whole file.
 """
@@ -38,6 +43,7 @@ import os
 import re
 import time
 import tokenize
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -53,6 +59,9 @@ REQUIRED = ("id", "path")
 OPTIONAL = ("caption", "keywords")
 # Lone surrogates produced by errors="surrogateescape" for bytes 0x80..0xFF that are not valid UTF-8.
 _BAD_BYTE = re.compile("[\udc80-\udcff]")
+# Any lone surrogate: a bad byte (above), or a JSON \u escape of half a UTF-16 pair ("\ud83d" without its pair,
+# as text cut in the middle of an emoji has). Neither can be written as UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _format(path: Path) -> str:
@@ -69,13 +78,97 @@ def _format(path: Path) -> str:
     raise DinoflowError(f"{path}: unknown metadata format {ext!r} (use .csv, .parquet or .jsonl)")
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xef\xbb\xbf", "utf-8-sig"),
+         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def _open_binary(path: Path):
+    if path.suffix.lower() == ".gz":
+        import gzip
+
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _encoding(path: Path) -> str:
+    """UTF-8, or the Unicode encoding a byte-order mark announces: Excel's "Unicode Text" export is UTF-16 with
+    a BOM, and Windows tools put a UTF-8 BOM in front of CSV and JSON Lines files."""
+    with _open_binary(path) as fh:
+        head = fh.read(4)
+    return next((enc for bom, enc in _BOMS if head.startswith(bom)), "utf-8")
+
+
+# Separators spreadsheets write: Excel uses ";" where "," is the decimal comma, "\t" for "Text"/"Unicode Text".
+_SEPARATORS = (",", ";", "\t")
+
+
+def _csv_layout(path: Path, encoding: str, default: str, wanted: Iterable[str]) -> tuple[str, int]:
+    """(separator, lines to skip) from the header: Excel's `sep=;` first line, else `default` when its header has
+    the `wanted` columns, else the spreadsheet separator (`;`, tab) whose header has them."""
+    import csv
+
+    with _open_binary(path) as fh:
+        text = io.TextIOWrapper(fh, encoding=encoding, errors="surrogateescape", newline="")
+        first = text.readline()
+        if first.lower().startswith("sep=") and len(first.rstrip("\r\n")) == 5:
+            log.info("%s: Excel's first line %r sets the separator: read with %r", path, first.strip(), first[4])
+            return first[4], 1
+    line = first
+    if "\x00" in line:
+        raise DinoflowError(f"{path}: the header contains NUL bytes: UTF-16 text without a byte-order mark? Save "
+                            "the table as UTF-8 (or UTF-16 with a BOM, Excel's \"Unicode Text\")")
+    wanted = [w for w in wanted if w]
+
+    def header(sep: str) -> list[str]:
+        return next(csv.reader([line], delimiter=sep), [])
+
+    def has_wanted(sep: str) -> bool:
+        names = header(sep)
+        return len(names) > 1 and all(w in names for w in wanted)
+
+    if not line.strip() or has_wanted(default):
+        return default, 0
+    for sep in _SEPARATORS:
+        if sep != default and has_wanted(sep):
+            log.info("%s: the header is %r-separated, not %r (as Excel writes in some locales): read with %r",
+                     path, sep, default, sep)
+            return sep, 0
+    if len(header(default)) == 1 and any(c in line for c in ";\t|:"):
+        tried = ", ".join(map(repr, _SEPARATORS))
+        raise DinoflowError(f"{path}: the header has only one column ({line.strip()[:80]!r}) with the separator "
+                            f"{default!r}: is the file separated by another character? (tried {tried})")
+    return default, 0  # the caller reports the missing column, naming the columns found
+
+
+def _read_csv(path: Path, wanted: Iterable[str] = ()) -> pd.DataFrame:
+    import csv
+
+    default = "\t" if path.suffix.lower() == ".tsv" else ","
+    encoding = _encoding(path)
+    sep, skip = _csv_layout(path, encoding, default, wanted)
+    with _open_binary(path) as fh:
+        text = io.TextIOWrapper(fh, encoding=encoding, errors="surrogateescape", newline="")
+        for _ in range(skip):
+            text.readline()
+        names = next(csv.reader([text.readline()], delimiter=sep), [])
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DinoflowError(f"{path}: column(s) {', '.join(map(repr, repeated))} appear more than once in the header: "
+                            "which one holds the data is ambiguous (rename or remove the copies)")
     try:
         # dtype=object keeps ids such as "00123" as text and lets surrogates through (pandas' Arrow-backed
         # strings would reject them); only empty cells are missing, so a caption "NA" stays "NA".
-        return pd.read_csv(path, sep=sep, dtype=object, encoding="utf-8", encoding_errors="surrogateescape",
-                           keep_default_na=False, na_values=[""])
+        # index_col=False: when the first data row has one field more than the header (an unquoted comma in a
+        # caption), pandas would otherwise take the first column as the index and shift every column of every
+        # row by one, silently (ids become paths). With it, pandas drops the extra fields with a ParserWarning,
+        # which we turn into an error naming the line (`_check_extra_fields`).
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            df = pd.read_csv(path, sep=sep, dtype=object, encoding=encoding, encoding_errors="surrogateescape",
+                             keep_default_na=False, na_values=[""], skiprows=skip, index_col=False)
+        if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
+            _check_extra_fields(path, encoding, sep, skip, len(names))
+        return df
     except pd.errors.EmptyDataError as exc:
         raise DinoflowError(f"{path}: metadata file is empty (expected a header row with at least id, path)") \
             from exc
@@ -84,37 +177,111 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise DinoflowError(f"{path}: cannot parse CSV: {exc}") from exc
 
 
+def _check_extra_fields(path: Path, encoding: str, sep: str, skip: int, n_columns: int) -> None:
+    """Raise for the first row with more fields than the header, unless the extra fields are empty (a trailing
+    separator, which loses nothing)."""
+    import csv
+
+    with _open_binary(path) as fh:
+        text = io.TextIOWrapper(fh, encoding=encoding, errors="surrogateescape", newline="")
+        for _ in range(skip):
+            text.readline()
+        reader = csv.reader(text, delimiter=sep)
+        next(reader, None)
+        for fields in reader:
+            if len(fields) > n_columns and any(f.strip() for f in fields[n_columns:]):
+                raise DinoflowError(
+                    f"{path}: line {reader.line_num + skip} has {len(fields)} fields but the header has {n_columns}: "
+                    f"an unquoted {sep!r} inside a cell? Quote that cell (extra: {fields[n_columns:][:3]!r})")
+
+
 class JsonNumber(str):
     """A JSON number exactly as written in the file ("1344800117571260417", "1.50"): never a float."""
 
 
 def _json_constant(name: str) -> Any:
-    # NaN (written by Python's json for a float nan) is a missing value; Infinity stays visible as text.
+    # NaN (written by Python's json for a float nan) is a missing value; Infinity stays visible (an invalid id).
     return None if name == "NaN" else JsonNumber(name)
 
 
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: with a key written twice, `json` keeps the last value silently."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+def json_text(value: Any) -> str:
+    """A cell of nested JSON values (lists, objects, `JsonNumber`s) → compact JSON text, numbers as written."""
+    if isinstance(value, JsonNumber):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k), ensure_ascii=False)}: {json_text(v)}"
+                               for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return "[" + ", ".join(json_text(v) for v in value) + "]"
+    if isinstance(value, (np.generic,)):
+        value = value.item()
+    if _is_missing(value):
+        return "null"
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _json_loads(text: str) -> Any:
+    return json.loads(text, parse_int=JsonNumber, parse_float=JsonNumber, parse_constant=_json_constant,
+                      object_pairs_hook=_json_object)
+
+
 def _read_jsonl(path: Path) -> pd.DataFrame:
+    """JSON Lines (one object per line; blank lines skipped), or a JSON array of objects (a `.json` export whose
+    first character is `[`, pretty-printed or not): one row per line / element."""
     records: list[dict[str, Any]] = []
     errors: list[str | None] = []
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    raw_bad: list[bool] = []  # the line itself had bytes that are not UTF-8 (vs. \u escapes of surrogates)
+    labels: list[str] = []  # where each row is in the file: "line 3", "element 2"
+    with _open_binary(path) as fh:
+        text = io.TextIOWrapper(fh, encoding=_encoding(path), errors="surrogateescape", newline="\n").read()
+
+    def add(value: Any, label: str, error: str | None = None, bad: bool = False) -> None:
+        if error is None and not isinstance(value, dict):
+            error = f"expected a JSON object, got {type(value).__name__}"
+        records.append(value if error is None else {})
+        errors.append(None if error is None else f"{label}: not a JSON object ({error})")
+        raw_bad.append(bad)
+        labels.append(label)
+
+    if text.lstrip().startswith("["):
+        try:
+            array = _json_loads(text)
+        except ValueError as exc:
+            raise DinoflowError(f"{path}: the file starts with '[' but is not a JSON array: {exc} (write one JSON "
+                                "object per line, or a valid array of objects)") from exc
+        if not isinstance(array, list):
+            raise DinoflowError(f"{path}: expected a JSON array of objects, got {type(array).__name__}")
+        bad = _BAD_BYTE.search(text) is not None
+        for k, value in enumerate(array):
+            add(value, f"element {k}", bad=bad)
+    else:
+        for lineno, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line, parse_int=JsonNumber, parse_float=JsonNumber, parse_constant=_json_constant)
-                if not isinstance(rec, dict):
-                    raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-                records.append(rec)
-                errors.append(None)
+                value = _json_loads(line)
             except ValueError as exc:
                 # One broken line must not sink a million good ones: it becomes a row with an error.
-                records.append({})
-                errors.append(f"line {lineno}: not a JSON object ({exc})")
+                add(None, f"line {lineno}", error=str(exc))
+            else:
+                add(value, f"line {lineno}", bad=_BAD_BYTE.search(line) is not None)
     # Column by column as object: DataFrame.from_records would infer dtypes (ints with a null → float64).
     names = list(dict.fromkeys(key for rec in records for key in rec))
     df = pd.DataFrame({name: pd.Series([rec.get(name) for rec in records], dtype=object) for name in names},
                       index=pd.RangeIndex(len(records)))
     df["__jsonl_error"] = pd.Series(errors, dtype=object)
+    df.attrs["raw_bad_bytes"] = raw_bad
+    df.attrs["row_labels"] = labels
     return df
 
 
@@ -137,6 +304,10 @@ def _read_parquet(path: Path) -> pd.DataFrame:
         if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
             out[name] = pd.Series([None if v is None else v.decode("utf-8", "surrogateescape")
                                    for v in col.to_pylist()], dtype=object)
+        elif pa.types.is_float16(col.type) or pa.types.is_float32(col.type):
+            # NumPy scalars keep their precision, so `identifier` knows a float32 id is exact only below 2^24.
+            scalar = np.dtype(col.type.to_pandas_dtype()).type
+            out[name] = pd.Series([None if v is None else scalar(v) for v in col.to_pylist()], dtype=object)
         else:
             out[name] = pd.Series(col.to_pylist(), dtype=object)
     return pd.DataFrame(out, index=pd.RangeIndex(table.num_rows))
@@ -157,12 +328,9 @@ def _as_text(value: Any) -> str | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, (list, tuple, np.ndarray, dict)):
-        return json.dumps(list(value) if isinstance(value, np.ndarray) else value, default=str)
+        return json_text(value)
     text = str(value).strip()
     return text or None
-
-
-_FLOAT_EXACT = 2 ** 53  # every integer up to here is exact in a float64
 
 
 def identifier(value: Any, name: str = "id") -> tuple[str | None, str | None, bool]:
@@ -179,15 +347,19 @@ def identifier(value: Any, name: str = "id") -> tuple[str | None, str | None, bo
         return None, f"{name} is a boolean ({value}), not an identifier", False
     if isinstance(value, (list, tuple, np.ndarray, dict)):
         return None, f"{name} is a {type(value).__name__} ({_as_text(value)}), not a single value", False
+    if isinstance(value, JsonNumber) and value.lstrip("-") == "Infinity":
+        return None, f"{name} is {value}, not an identifier", False
     if isinstance(value, (float, np.floating)):
         v = float(value)
         if not math.isfinite(v):
             return None, f"{name} is {v}, not an identifier", False
-        if abs(v) >= _FLOAT_EXACT:
-            return None, (f"{name} {v!r} is a floating-point number above 2^53, so the program that wrote the "
-                          "table may have rounded it (1344800117571260417 becomes ...416): write ids as text or "
-                          "integers"), False
-        return (str(int(v)) if v.is_integer() else repr(v)), None, False
+        # float64: every integer up to 2^53 is exact; float32 only up to 2^24 (float16: 2^11).
+        bits = np.finfo(value.dtype).nmant + 1 if isinstance(value, np.floating) else 53
+        if abs(v) >= 2 ** bits:
+            return None, (f"{name} {value!r} is a floating-point number above 2^{bits}, so the program that wrote "
+                          "the table may have rounded it (1344800117571260417 becomes ...416): write ids as text "
+                          "or integers"), False
+        return (str(int(v)) if v.is_integer() else str(value)), None, False
     if isinstance(value, (int, np.integer, decimal.Decimal)):
         return str(value), None, False
     text = str(value)
@@ -252,15 +424,19 @@ def keyword_cell(value: Any, separator: str = ";") -> tuple[list[str], str | Non
     """A keywords cell → (keywords, note or None). See the module docstring for the rules.
 
     note: `keywords-list-literal` when a serialised list was recognised; `keywords-unparsed-list` when the cell
-    looks like one ([...], (...), {...}) but is not (then it is split on `separator` like any text).
+    looks like one ([...], (...), {...}) but is not (then it is split on `separator` like any text);
+    `keywords-nested-list` when a list (JSON array, Parquet list) holds lists or objects: nested lists are
+    flattened, objects kept as their JSON text (never as a Python repr such as "['x']").
     """
     if _is_missing(value):
         return [], None
     note = None
     if isinstance(value, (list, tuple, np.ndarray)):
-        items: Iterable[Any] = value
+        items: Iterable[Any] = _flatten(value)
+        if any(isinstance(v, (list, tuple, np.ndarray, dict)) for v in value):
+            note = "keywords-nested-list"
     else:
-        text = str(value).strip()
+        text = json_text(value) if isinstance(value, dict) else str(value).strip()
         parsed = _list_literal(text) if _looks_like_list(text) else None
         if parsed is not None:
             items, note = parsed, "keywords-list-literal"
@@ -272,10 +448,18 @@ def keyword_cell(value: Any, separator: str = ";") -> tuple[list[str], str | Non
     for item in items:
         if _is_missing(item):
             continue
-        item_text = str(item).strip()
+        item_text = (json_text(item) if isinstance(item, (bool, np.bool_, dict)) else str(item)).strip()
         if item_text:
             out.append(item_text)
     return out, note
+
+
+def _flatten(items: Iterable[Any]) -> Iterable[Any]:
+    for item in items:
+        if isinstance(item, (list, tuple, np.ndarray)):
+            yield from _flatten(item)
+        else:
+            yield item
 
 
 def parse_keywords(value: Any, separator: str = ";") -> list[str]:
@@ -285,16 +469,40 @@ def parse_keywords(value: Any, separator: str = ";") -> list[str]:
 
 
 def _bad_utf8(value: Any) -> tuple[int, int] | None:
-    """(character position, byte value) of the first byte that was not valid UTF-8, or None."""
+    """(character position, code point) of the first lone surrogate (a byte that was not valid UTF-8 is
+    U+DC80..U+DCFF, see the module docstring), or None."""
     if isinstance(value, str):
-        m = _BAD_BYTE.search(value)
-        return None if m is None else (m.start(), ord(m.group(0)) - 0xDC00)
+        m = _SURROGATE.search(value)
+        return None if m is None else (m.start(), ord(m.group(0)))
     if isinstance(value, list):
         for item in value:
             found = _bad_utf8(item)
             if found is not None:
                 return found
     return None
+
+
+# What pandas (`astype(str)`, `str(None)`), databases and spreadsheets write for a missing value.
+MISSING_AS_TEXT = frozenset({"nan", "NaN", "None", "null", "NULL", "<NA>", "NaT", "#N/A"})
+
+
+def _warn_missing_as_text(path: Path, column: str, values: pd.Series) -> None:
+    """Log the rows whose cell (or a keyword) is the text of a missing value ("nan", "None", ...): kept as
+    text, since it may be meant ("NaN" as a word), but a caption "nan" on every unlabelled row would make the
+    captions look alike to the text model."""
+    rows: list[int] = []
+    seen: set[str] = set()
+    for i, value in enumerate(values):
+        found = {v for v in (value if isinstance(value, list) else [value])
+                 if isinstance(v, str) and v in MISSING_AS_TEXT}
+        if found:
+            rows.append(i)
+            seen |= found
+    if rows:
+        log.warning("%s: %d cell(s) of column %r are the text of a missing value (%s; rows %s%s): kept as text. "
+                    "A missing value written by pandas astype(str) or a database export? Leave such cells empty",
+                    path, len(rows), column, ", ".join(map(repr, sorted(seen))), ", ".join(map(str, rows[:10])),
+                    ", ..." if len(rows) > 10 else "")
 
 
 def read_metadata(path: str | Path, columns: Mapping[str, str] | None = None, keyword_separator: str = ";",
@@ -309,20 +517,29 @@ def read_metadata(path: str | Path, columns: Mapping[str, str] | None = None, ke
     if not path.exists():
         raise DinoflowError(f"{path}: metadata file not found (collection.metadata in params.yaml)")
     fmt = _format(path)
-    raw = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl}[fmt](path)
-    jsonl_errors = raw.pop("__jsonl_error") if "__jsonl_error" in raw.columns else None
-
     mapping = {name: name for name in REQUIRED + OPTIONAL}
     mapping.update(dict(columns or {}))
     unknown_keys = set(mapping) - set(REQUIRED + OPTIONAL)
     if unknown_keys:
         raise DinoflowError(f"collection.columns: unknown key(s) {sorted(unknown_keys)} "
                             f"(allowed: {', '.join(REQUIRED + OPTIONAL)})")
-    found = [str(c) for c in raw.columns]
+    if fmt == "csv":
+        raw = _read_csv(path, [mapping[name] for name in REQUIRED])
+    else:
+        raw = {"parquet": _read_parquet, "jsonl": _read_jsonl}[fmt](path)
+    jsonl_errors = raw.pop("__jsonl_error") if "__jsonl_error" in raw.columns else None
+    if len(raw) == 0:
+        raise DinoflowError(f"{path}: the table has no data rows (collection.metadata in params.yaml)")
+    raw_bad_bytes = raw.attrs.get("raw_bad_bytes")
+    row_labels = raw.attrs.get("row_labels")
+    # Names with spaces around them are shown quoted: `id ` is not `id`.
+    found = [repr(str(c)) if str(c) != str(c).strip() else str(c) for c in raw.columns]
     for name in REQUIRED:
         if mapping[name] not in raw.columns:
+            near = [str(c) for c in raw.columns if str(c).strip().casefold() == mapping[name].casefold()]
+            hint = f"; {near[0]!r} differs only in letter case or spaces" if near else ""
             raise DinoflowError(f"{path}: no column {mapping[name]!r} for `{name}` (columns found: "
-                                f"{', '.join(found) or 'none'}; set collection.columns.{name} in params.yaml)")
+                                f"{', '.join(found) or 'none'}{hint}; set collection.columns.{name} in params.yaml)")
     label_columns = list(label_columns or [])
     for label in label_columns:
         if label not in raw.columns:
@@ -363,6 +580,8 @@ def read_metadata(path: str | Path, columns: Mapping[str, str] | None = None, ke
                     ", ..." if len(unparsed) > 10 else "")
     for label in label_columns:
         df[label] = pd.Series([_as_text(v) for v in raw[label]], dtype=object)
+    for name in ["caption", "keywords", *label_columns]:
+        _warn_missing_as_text(path, mapping.get(name, name), df[name])
 
     used = {mapping[name] for name in REQUIRED + OPTIONAL} | set(label_columns)
     unknown = [c for c in raw.columns if c not in used]
@@ -380,12 +599,19 @@ def read_metadata(path: str | Path, columns: Mapping[str, str] | None = None, ke
         if name == "keywords":
             suspects = values.map(lambda v: _bad_utf8(v) is not None)
         else:
-            suspects = values.str.contains(_BAD_BYTE, na=False)
+            suspects = values.str.contains(_SURROGATE, na=False)
         for i in np.flatnonzero(suspects.to_numpy(dtype=bool)):
             if errors[i] is None:
-                pos, byte = _bad_utf8(values.iat[i])
-                errors[i] = (f"invalid UTF-8 in column {mapping.get(name, name)!r}: byte 0x{byte:02x} at "
-                             f"character {pos} (re-encode the metadata file as UTF-8)")
+                pos, code = _bad_utf8(values.iat[i])
+                column_name = mapping.get(name, name)
+                if 0xDC80 <= code <= 0xDCFF and (raw_bad_bytes is None or raw_bad_bytes[i]):
+                    errors[i] = (f"invalid UTF-8 in column {column_name!r}: byte 0x{code - 0xDC00:02x} at "
+                                 f"character {pos} (re-encode the metadata file as UTF-8)")
+                else:
+                    where = f"{row_labels[i]}: " if row_labels else ""
+                    errors[i] = (f"{where}column {column_name!r}: lone surrogate U+{code:04X} at character {pos}, "
+                                 "a \\u escape of half a UTF-16 pair (text cut in the middle of an emoji?): not "
+                                 "valid Unicode text, fix or remove that character")
                 statuses[i] = "invalid_utf8"
     for i, error in enumerate(id_errors):
         if error is not None and errors[i] is None:

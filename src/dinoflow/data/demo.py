@@ -4,7 +4,9 @@
   alpha, composited on white and written as PNG (lossless; ~29 KB each);
 - text: `emojibase-data@17.0.0` `en/data.json`: the English label is the caption, the tags are the keywords
   (skin-tone variants inherit their base emoji's tags), group and subgroup (names from `meta/groups.json`) are
-  label columns.
+  label columns; `family` (the code points without skin-tone modifiers U+1F3FB-U+1F3FF) names the base emoji of
+  each skin-tone variant and is the demo's `collection.group_column` (1,816 images are in 304 families of two or
+  more variants: they must not straddle a probe's train/test split).
 
 The join is on code points with U+FE0F (emoji presentation selector) and U+E007F (tag terminator) left out,
 because the image file names drop them inconsistently (`a9-fe0f.webp`, `1f441-200d-1f5e8.webp`). 16 emoji have
@@ -54,6 +56,7 @@ IGNORED_CODE_POINTS = {0xFE0F, 0xE007F}
 BACKGROUND = (255, 255, 255, 255)
 SOURCES = "SOURCES.json"
 METADATA = "metadata.csv"
+METADATA_COLUMNS = ("id", "path", "caption", "keywords", "group", "subgroup", "family")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,6 +129,16 @@ def code_points(hexcode: str) -> tuple[int, ...]:
     except ValueError:
         raise ValueError(f"not a code-point sequence: {hexcode!r}") from None
     return tuple(p for p in points if p not in IGNORED_CODE_POINTS)
+
+
+SKIN_TONES = range(0x1F3FB, 0x1F400)  # U+1F3FB..U+1F3FF, Fitzpatrick skin-tone modifiers
+
+
+def family(hexcode: str) -> str:
+    """The base emoji of a skin-tone variant: its code points without skin-tone modifiers (and without FE0F /
+    E007F, as `code_points`), lower-case hex joined by '-'. All variants of one emoji share it; it is the demo's
+    `collection.group_column`, so probes never split a family between train and test."""
+    return "-".join(f"{p:x}" for p in code_points(hexcode) if p not in SKIN_TONES)
 
 
 def _member_json(tar: tarfile.TarFile, name: str) -> Any:
@@ -202,7 +215,7 @@ def join(file_stems: list[str], entries: dict[tuple[int, ...], dict[str, Any]]) 
         e = entries[key]
         rows.append({"id": e["hexcode"].lower(), "file": stem, "caption": e["caption"],
                      "keywords": ";".join(e["keywords"]), "group": e["group"], "subgroup": e["subgroup"],
-                     "order": e["order"]})
+                     "family": family(e["hexcode"]), "order": e["order"]})
     rows.sort(key=lambda r: (r["order"] is None, r["order"] if r["order"] is not None else 0, r["id"]))
     counts = {"files": len(file_stems), "matched": len(rows), "unmatched_files": len(unmatched),
               "duplicate_files": duplicates, "emojibase_without_image": len(entries) - len(rows)}
@@ -258,8 +271,8 @@ def build(emoji_tgz: Path, emojibase_tgz: Path, out_dir: Path, limit: int | None
     shutil.rmtree(images, ignore_errors=True)
     tmp.rename(images)
     table = pd.DataFrame([{"id": r["id"], "path": f"{r['id']}.png", "caption": r["caption"],
-                           "keywords": r["keywords"], "group": r["group"], "subgroup": r["subgroup"]}
-                          for r in rows], columns=["id", "path", "caption", "keywords", "group", "subgroup"])
+                           "keywords": r["keywords"], "group": r["group"], "subgroup": r["subgroup"],
+                           "family": r["family"]} for r in rows], columns=list(METADATA_COLUMNS))
     table.to_csv(out_dir / METADATA, index=False)
     counts["written"] = len(rows)
     return counts
@@ -278,7 +291,8 @@ def main(params: dict[str, Any], **_: Any) -> dict[str, Any] | None:
         recorded = read_json(sources_path)
         if recorded.get("packages", {}).get("emoji", {}).get("spec") == specs["emoji"] and \
                 recorded.get("packages", {}).get("emojibase", {}).get("spec") == specs["emojibase"] and \
-                recorded.get("limit") == limit:
+                recorded.get("limit") == limit and \
+                tuple(pd.read_csv(out_dir / METADATA, nrows=0).columns) == METADATA_COLUMNS:
             log.info("demo: %s already built from %s and %s (limit %s); nothing to do", out_dir, specs["emoji"],
                      specs["emojibase"], limit)
             return recorded

@@ -9,7 +9,9 @@ curators' guide to every status and note. A missing caption or keywords is norma
 
 Decisions worth knowing:
 - Duplicate ids: the first row (in input order) with an id keeps it, whatever its own status; later rows get
-  `duplicate_id` and their image is not opened.
+  `duplicate_id` and their image is not opened. Ids differing only in Unicode normalisation (NFC/NFD) are
+  duplicates. Rows naming the same file (after resolution: `./a.png`, hard links) all stay `ok`; later ones
+  are noted `duplicate-file:row N`.
 - Ids are text exactly as written (leading zeros, 19-digit numbers: `collection.read_metadata` never lets them
   through a float); surrounding whitespace is removed and noted. An id that is not a scalar, or a floating-point
   number too large to be exact (the table's writer may already have rounded it), is `invalid_id`.
@@ -23,7 +25,7 @@ Decisions worth knowing:
 - Invalid UTF-8 anywhere in a row's mapped fields (id, path, caption, keywords, labels) skips the row
   (`invalid_utf8`): mojibake text would silently corrupt the caption/keyword similarity the workflow measures.
   A file in a legacy encoding therefore fails the whole run with a count telling the user to re-encode it.
-- Unknown columns (not mapped in `collection.columns` nor listed in `collection.label_columns`) are a table-level
+- Unknown columns (not mapped in `collection.columns` nor listed in `collection.label_columns` / `group_column`) are a table-level
   finding, not a row status: they are named in the log and in the summary (`unknown_columns`). With
   `ingest.allow_unknown_columns: false` (default) they are left out of the manifest; with `true` they are kept
   as text columns (prefixed `extra_` where a name clashes with a manifest column).
@@ -45,7 +47,9 @@ import re
 import sys
 import tempfile
 import unicodedata
+import urllib.parse
 import warnings
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -55,7 +59,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from dinoflow import paths
-from dinoflow.data.collection import read_metadata
+from dinoflow.data.collection import json_text, read_metadata
 from dinoflow.data.preprocess import PixelLimitError, open_rgb, parallel_map, resolve_workers
 from dinoflow.errors import DinoflowError
 from dinoflow.utils import get_logger, write_json
@@ -70,10 +74,11 @@ REASONS = {
     "invalid_id": "the id is not an identifier (a list or object, or a float too large to be exact)",
     "duplicate_id": "an earlier row already has this id",
     "missing_path": "the path is empty",
-    "path_outside_images_dir": "the path leaves the image folder (absolute, '..' or a symlink out)",
+    "path_outside_images_dir": "the path leaves the image folder (absolute, '..', a symlink out, or a URL)",
     "missing_file": "no file at the path",
     "not_a_file": "the path is a directory or another non-regular file",
     "empty_file": "the file has zero bytes",
+    "unreadable_file": "the file cannot be read (permission denied, I/O error)",
     "not_an_image": "not an image Pillow can identify (despite its extension)",
     "too_many_pixels": "more pixels than ingest.max_pixels (decompression-bomb guard)",
     "truncated_image": "the image data ends early",
@@ -92,13 +97,18 @@ NOTES = {  # `note` entries of ok rows: `code` or `code:detail`; the summary cou
     "16bit->8bit": "16-bit samples reduced to 8 bits",
     "float->8bit": "floating-point samples clipped to 0..255",
     "palette->rgb": "a palette image expanded to RGB",
-    "alpha->white": "transparent pixels composited on white",
+    "alpha->white": "transparent pixels (alpha channel or a PNG's transparent colour key) composited on white",
     "gray->rgb": "a grey image copied to the three channels",
+    "path-backslashes": "the path uses Windows separators (`sub\\a.png`) and was read as `sub/a.png`; `file` has "
+                        "the name used",
+    "duplicate-file": "an earlier ok row (`duplicate-file:row N`) names the same file: both rows are kept, the "
+                      "image appears twice",
     "filename-unicode": "the file's name differs from the table's only in Unicode normalisation (e.g. NFD on "
                         "macOS); `file` has the name on disk",
     "id-whitespace-stripped": "spaces around the id were removed",
     "path-whitespace-stripped": "spaces around the path were removed",
     "keywords-list-literal": "the keywords cell was a serialised list (JSON, Python or NumPy repr), read as a list",
+    "keywords-nested-list": "the keywords list held lists (flattened) or objects (kept as JSON text)",
     "keywords-unparsed-list": "the keywords cell looks like a serialised list but could not be parsed; it was "
                               "split on collection.keyword_separator instead",
 }
@@ -106,8 +116,14 @@ MANIFEST_COLUMNS = ("row", "id", "path", "caption", "keywords", "status", "detai
                     "file")
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def _check_path(rel: str) -> str | None:
     """Reason the relative path is unacceptable before touching the disk, or None."""
+    if _URL.match(rel):
+        return (f"{rel[:80]!r} is a URL, not a path relative to collection.images_dir (download the images into "
+                "that folder and give their relative paths)")
     if os.path.isabs(rel) or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
         return "absolute path (paths must be relative to collection.images_dir)"
     norm = posixpath.normpath(rel.replace("\\", "/"))
@@ -199,10 +215,17 @@ class FileNames:
     def _near(names: list[str], part: str, limit: int = 3) -> list[str]:
         """Names in the folder a person would take for `part`, each with how it differs."""
         loose, stem, ext = _loose(part), *os.path.splitext(part)
+        hidden = _invisible(part)
         hints = []
         for name in names:
             if name.casefold() == part.casefold() or _nfc(name).casefold() == _nfc(part).casefold():
                 why = "differs in letter case"
+            elif (hidden or _invisible(name)) and _visible(name) == _visible(part):
+                extra = sorted(set(hidden) ^ set(_invisible(name)))
+                why = ("differs by invisible character(s) "
+                       + ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, '')}".strip() for c in extra))
+            elif "%" in part and _nfc(urllib.parse.unquote(part)) == _nfc(name):
+                why = "the table's name is percent-encoded, as in a URL (%20 for a space)"
             elif _loose(name) == loose:
                 why = "differs in spaces or Unicode compatibility form (e.g. full-width letters, ligatures)"
             elif _loose(os.path.splitext(name)[0]) == _loose(stem) and ext:
@@ -213,6 +236,16 @@ class FileNames:
             if len(hints) == limit:
                 break
         return hints
+
+
+def _invisible(name: str) -> str:
+    """Format characters (zero-width space, joiners, BOM, direction marks) in a name: copied from web pages and
+    spreadsheets, they make two names that look identical differ."""
+    return "".join(c for c in name if unicodedata.category(c) == "Cf")
+
+
+def _visible(name: str) -> str:
+    return "".join(c for c in name if unicodedata.category(c) != "Cf")
 
 
 def _form(name: str) -> str:
@@ -272,8 +305,34 @@ def _jpeg_problem_torchvision(data: bytes) -> str | None:
     return error or (printed[0] if printed else None)
 
 
+def png_chunk_problem(data: bytes) -> str | None:
+    """The first chunk of a PNG whose CRC checksum is wrong (critical or ancillary), or None.
+
+    Pillow refuses a bad CRC in an ancillary chunk (text, colour profile, ...) while opening, and `Image.open`
+    then says only "cannot identify image file"; here the chunk is named. A file cut inside a chunk is left to
+    the decoder (truncated). PNG spec, section 5.3: CRC-32 over the chunk type and data.
+    """
+    pos = 8
+    while pos + 12 <= len(data):
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        end = pos + 12 + length
+        if end > len(data):
+            return None
+        if zlib.crc32(data[pos + 4:end - 4]) & 0xFFFFFFFF != int.from_bytes(data[end - 4:end], "big"):
+            role = "ancillary" if kind[:1] and kind[0] & 0x20 else "critical"
+            return f"CRC error in {role} chunk {kind.decode('latin-1')!r} at byte {pos}"
+        if kind == b"IEND":
+            return None
+        pos = end
+    return None
+
+
 def png_problem(path: str) -> str | None:
-    """Pillow's verify(): every chunk's CRC (decoding does not check the image data's), or None."""
+    """A chunk with a bad CRC (`png_chunk_problem`), else Pillow's verify(), or None."""
+    with open(path, "rb") as fh:
+        problem = png_chunk_problem(fh.read())
+    if problem is not None:
+        return problem
     try:
         with Image.open(path) as im:
             im.verify()
@@ -318,7 +377,8 @@ def integrity_problem(path: str) -> tuple[str, str] | None:
         head = fh.read(16)
         if head.startswith(b"\xff\xd8\xff"):
             fh.seek(0)
-            problem = jpeg_problem(fh.read())
+            data = fh.read()
+            problem = jpeg_problem(data)
             if problem is None:
                 return None
             benign = _PADDING_BEFORE_EOI.match(problem)
@@ -327,14 +387,55 @@ def integrity_problem(path: str) -> tuple[str, str] | None:
             low = problem.lower()
             reason = "truncated_image" if "premature end of jpeg file" in low or "truncated" in low \
                 else "corrupt_image"
+            if reason == "truncated_image" and not data.endswith(b"\xff\xd9") \
+                    and jpeg_problem(data + b"\xff\xd9") is None:
+                # Every block is there, only the 2-byte end marker is not (an interrupted write after the data).
+                problem += (" (only the 2-byte end-of-image marker is missing: the image data is complete; "
+                            "re-saving the file fixes it)")
             return reason, f"libjpeg: {problem}"
         if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
             fh.seek(0)
             return webp_problem(fh.read())
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         problem = png_problem(path)
-        return None if problem is None else ("corrupt_image", f"PNG: {problem}")
+        if problem is None:
+            return None
+        return ("truncated_image" if "truncated" in problem.lower() else "corrupt_image"), f"PNG: {problem}"
     return None
+
+
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+
+
+def sniff(path: str) -> tuple[str | None, bool]:
+    """(what the file's first bytes say it is, whether that is an image format Pillow reads), or (None, False).
+    Only used to explain a file Pillow could not open."""
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    images = [(b"\xff\xd8\xff", "a JPEG file"), (b"\x89PNG\r\n\x1a\n", "a PNG file"), (b"GIF87a", "a GIF file"),
+              (b"GIF89a", "a GIF file"), (b"II*\x00", "a TIFF file"), (b"MM\x00*", "a TIFF file"),
+              (b"BM", "a BMP file")]
+    for magic, kind in images:
+        if head.startswith(magic) and (magic != b"BM" or head[6:10] == b"\0\0\0\0"):  # BMP: reserved bytes 0
+            return kind, True
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "a WebP file", True
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in _HEIF_BRANDS:
+            return (f"a HEIF/HEIC photo (brand {brand.decode('latin-1')!r}, as iPhones write): Pillow needs the "
+                    "pillow-heif plugin for it; convert it to JPEG"), False
+        if brand in (b"avif", b"avis"):
+            return "an AVIF image: convert it to JPEG or PNG", False
+        return f"an MP4/QuickTime file (brand {brand.decode('latin-1')!r}), probably a video", False
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "an HTML page (a web page, e.g. an error page, saved under an image's name)", False
+    if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in text):
+        return "an SVG drawing (vector graphics): rasterise it to PNG", False
+    if head.startswith(b"%PDF"):
+        return "a PDF document", False
+    return None, False
 
 
 def _safe_integrity_problem(path: str) -> tuple[str, str] | None:
@@ -371,14 +472,31 @@ class _ImageChecker:
         if st.st_size == 0:
             return "empty_file", f"{full} has 0 bytes", None, None, ""
         try:
+            # Permissions, a failing disk or network share, a cloud "online-only" placeholder: the file is not
+            # damaged, we cannot read it (the image decoders would call it corrupt).
+            with open(full, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            return "unreadable_file", f"{full}: cannot read the file: {exc.strerror or exc}", None, None, ""
+        try:
             # (1, 1): JPEGs decode at 1/8 scale; every other format decodes fully, which is what finds damage.
             _, notes, (w, h) = open_rgb(full, draft_size=(1, 1), max_pixels=self.max_pixels)
         except PixelLimitError as exc:
             return "too_many_pixels", str(exc), exc.width, exc.height, ""
-        except UnidentifiedImageError:
+        except UnidentifiedImageError as exc:
+            # An image format Pillow refuses to open (a bad CRC, an unsupported JPEG variant) is damage, not "not
+            # an image"; other files are named when we recognise them (HTML page, HEIC photo, PDF).
+            problem = _safe_integrity_problem(full)
+            if problem is not None and problem[0] != OK:
+                return problem[0], f"{full}: {problem[1]} (Pillow cannot open it)", None, None, ""
+            kind, is_image = sniff(full)
+            if is_image:
+                return "corrupt_image", f"{full}: {kind} (by its first bytes) that Pillow cannot decode: {exc}", \
+                    None, None, ""
             ext = os.path.splitext(rel)[1] or "no extension"
-            return "not_an_image", f"{full} ({st.st_size} bytes, {ext}) is not an image Pillow can identify", \
-                None, None, ""
+            what = f": it is {kind}" if kind else ""
+            return "not_an_image", \
+                f"{full} ({st.st_size} bytes, {ext}) is not an image Pillow can identify{what}", None, None, ""
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-row status, never a crash
             message = f"{type(exc).__name__}: {exc}"
             reason = "truncated_image" if "truncated" in str(exc).lower() else "corrupt_image"
@@ -394,6 +512,9 @@ class _ImageChecker:
             return problem[0], f"{full}: {problem[1]}", int(w), int(h), ""
         return OK, "", int(w), int(h), ";".join(notes)
 
+
+# Surrogates that are not bytes escaped by `surrogateescape` (those are U+DC80..U+DCFF).
+_LONE_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
 
 # Ids a spreadsheet rewrote in scientific notation ("1.3448E+18"): distinct ids collapse into one.
 _SCIENTIFIC = re.compile(r"^[+-]?\d(\.\d+)?[eE][+-]?\d+$")
@@ -424,17 +545,23 @@ def validate_rows(df: pd.DataFrame, images_dir: str, max_pixels: int, workers: i
 
     ids = df["id"].to_numpy(dtype=object)
     mark(pd.isna(ids), "missing_id", np.array([f"row {r}: the id is empty" for r in rows], dtype=object))
-    # The first row with an id keeps it, whatever its own status (documented above). Ids compare as exact text.
-    id_series = pd.Series(ids, dtype=object)
+    # The first row with an id keeps it, whatever its own status (documented above). Ids compare as exact text,
+    # up to Unicode normalisation: "café" typed on a Mac (NFD) and elsewhere (NFC) look identical in every output.
+    id_series = pd.Series([_nfc(v) if isinstance(v, str) else v for v in ids], dtype=object)
     dup = id_series.duplicated(keep="first").to_numpy() & pd.notna(ids)
     if dup.any():
         first = ~dup & pd.notna(ids)
         first_row = dict(zip(id_series[first], rows[first]))
+        first_id = dict(zip(id_series[first], ids[first]))
 
         def dup_text(v: str) -> str:
+            key = _nfc(v)
             hint = (" (it looks like a number a spreadsheet rewrote in scientific notation, which merges distinct "
                     "ids: export ids as text)") if _SCIENTIFIC.match(v) else ""
-            return f"id {v!r} already used by row {first_row[v]}{hint}"
+            if first_id[key] != v:
+                hint = (f" (written {ascii(first_id[key])} there and {ascii(v)} here: the same text in another Unicode "
+                        "normalisation, NFC/NFD)")
+            return f"id {v!r} already used by row {first_row[key]}{hint}"
 
         mark(dup, "duplicate_id", np.array([dup_text(v) if d else "" for v, d in zip(ids, dup)], dtype=object))
 
@@ -447,10 +574,22 @@ def validate_rows(df: pd.DataFrame, images_dir: str, max_pixels: int, workers: i
     files = np.full(n, None, dtype=object)
     name_note = np.full(n, "", dtype=object)
     names = FileNames(str(images_dir))
+    folder_name = os.path.basename(os.path.normpath(str(images_dir)))
     near_match = 0
     for i in np.flatnonzero(pending):
         found, note, message = names.resolve(rel_paths[i])
+        if found is None and "\\" in rel_paths[i]:
+            # A table written on Windows: `sub\a.png` means sub/a.png (a file named with a backslash, legal on
+            # Linux and macOS, was tried first).
+            alt, alt_note, _ = names.resolve(rel_paths[i].replace("\\", "/"))
+            if alt is not None:
+                found, note = alt, _join_notes("path-backslashes", alt_note)
         if found is None:
+            head, _, rest = rel_paths[i].replace("\\", "/").partition("/")
+            if rest and head == folder_name and names.resolve(rest)[0] is not None:
+                # "images/a.jpg" with images_dir ".../images": the path repeats the image folder.
+                message += (f"; near match: {rest!r} exists: the path starts with the image folder's own name "
+                            f"{head!r}, but paths are relative to collection.images_dir")
             near_match += "near match:" in message
             status[i], detail[i] = "missing_file", f"row {rows[i]}: path {rel_paths[i]!r}: {message}"
             pending[i] = False
@@ -467,14 +606,29 @@ def validate_rows(df: pd.DataFrame, images_dir: str, max_pixels: int, workers: i
         status[i], detail[i], note[i] = st, det, nt
         width[i], height[i] = w, h
 
+    # Several ok rows naming one file (`a.png`, `./a.png`, a hard link, another letter case on a case-insensitive
+    # disk): all stay ok, later ones say which row has the same file.
+    same_file = np.full(n, "", dtype=object)
+    first_row_of: dict[tuple[int, int], int] = {}
+    for i in np.flatnonzero(status == OK):
+        try:
+            st_ = os.stat(os.path.join(images_dir, files[i]))
+        except OSError:
+            continue
+        key = (st_.st_dev, st_.st_ino)
+        if key in first_row_of:
+            same_file[i] = f"duplicate-file:row {first_row_of[key]}"
+        else:
+            first_row_of[key] = int(rows[i])
+
     read_note = df["read_note"].to_numpy(dtype=object)
     out = df.copy()
     out["status"] = status
     out["detail"] = detail
     out["width"] = pd.array(width, dtype="Int32")
     out["height"] = pd.array(height, dtype="Int32")
-    out["note"] = [_join_notes(r or "", fn, im) if s == OK else _join_notes(r or "", fn)
-                   for r, fn, im, s in zip(read_note, name_note, note, status)]
+    out["note"] = [_join_notes(r or "", fn, im, same) if s == OK else _join_notes(r or "", fn)
+                   for r, fn, im, same, s in zip(read_note, name_note, note, same_file, status)]
     out["file"] = files
     out.attrs["missing_with_near_match"] = int(near_match)
     return out
@@ -485,13 +639,16 @@ def manifest_table(df: pd.DataFrame, label_columns: list[str], extra_columns: li
     import pyarrow as pa
 
     def text(values: Any) -> pa.Array:
-        return pa.array([v if isinstance(v, str) else (None if pd.isna(v) else str(v)) for v in values],
-                        pa.string())
+        # Lists and objects (JSON Lines cells of extra columns) as JSON text; NaN / None / NA as null.
+        return pa.array([v if isinstance(v, str) else
+                         json_text(v) if isinstance(v, (list, tuple, dict, np.ndarray)) else
+                         (None if pd.isna(v) else str(v)) for v in values], pa.string())
 
     def clean(values: Any) -> list:
-        # Rows with invalid UTF-8 keep their text for inspection, with bad bytes shown as U+FFFD.
-        return [v.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if isinstance(v, str) else v
-                for v in values]
+        # Rows with invalid UTF-8 keep their text for inspection, with bad bytes (and lone surrogates from JSON
+        # \u escapes, which have no UTF-8 form) shown as U+FFFD.
+        return [_LONE_SURROGATE.sub("\ufffd", v).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                if isinstance(v, str) else v for v in values]
 
     cols: dict[str, pa.Array] = {
         "row": pa.array(df["row"].to_numpy(np.int64)),
@@ -540,7 +697,9 @@ def main(params: dict[str, Any], **_: Any) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     coll, cfg = params["collection"], params["ingest"]
-    label_columns = list(coll.get("label_columns") or [])
+    # Label columns and the group column (rows of one group never straddle a probe split) are kept in the manifest.
+    label_columns = list(dict.fromkeys([*(coll.get("label_columns") or []),
+                                        *([coll["group_column"]] if coll.get("group_column") else [])]))
     df = read_metadata(coll["metadata"], coll.get("columns"), coll.get("keyword_separator", ";"), label_columns)
     unknown = df.attrs.get("unknown_columns", [])
     keep_unknown = bool(cfg.get("allow_unknown_columns", False))

@@ -21,8 +21,10 @@ shards mean ~3,000x fewer files, ~1.45x fewer bytes on disk, ~4-5x faster hashin
 than one file per image.
 
 `paths.PROCESSED_INDEX` maps each id to (shard, row) and to the byte range of its image inside the shard file
-(offset, length: O(1) memory-mapped random access, see `locate_blobs`); its order (manifest order of ok rows)
-is the image order every later stage uses. Read them with `dinoflow.data.store.ImageStore`.
+(offset, length: O(1) memory-mapped random access, see `locate_blobs`), and gives the perceptual hash of the
+processed image (`phash`: `imagehash.phash`, 16 hex digits; `dinoflow groups` finds near-duplicates with it);
+its order (manifest order of ok rows) is the image order every later stage uses. Read them with
+`dinoflow.data.store.ImageStore`.
 """
 
 from __future__ import annotations
@@ -98,6 +100,19 @@ def _png_bit_depth(im: Image.Image) -> int | None:
     return depth[0] if depth else None
 
 
+def _reduced_bit_depth(im: Image.Image) -> bool:
+    """Whether Pillow opened a high-bit-depth colour image (16-bit RGB(A) PNG, 16-bit RGB/CMYK TIFF) in an 8-bit
+    mode, reducing it silently (grey 16-bit images keep their mode, "I;16", and are noted when converted)."""
+    if im.mode not in ("RGB", "RGBA", "CMYK", "LA"):
+        return False
+    if im.format == "PNG":
+        return (_png_bit_depth(im) or 8) > 8
+    if im.format == "TIFF":
+        bits = im.tag_v2.get(258, (8,))
+        return max(bits if isinstance(bits, tuple) else (bits,)) > 8
+    return False
+
+
 def upright_size(im: Image.Image) -> tuple[int, int]:
     """Width and height as displayed (EXIF orientations 5-8 swap the axes)."""
     w, h = im.size
@@ -143,6 +158,28 @@ def to_rgb(im: Image.Image, notes: list[str] | None = None) -> Image.Image:
         return im.convert("RGB")
     notes.append("gray->rgb" if mode in ("L", "1") else f"{mode.lower()}->rgb")
     return im.convert("RGB")
+
+
+def colour_key_to_alpha(im: Image.Image, notes: list[str] | None = None) -> Image.Image:
+    """A grey or RGB image with a transparent colour key (PNG `tRNS` without an alpha channel: Pillow keeps the
+    mode and puts the key in `info["transparency"]`) → "LA" / "RGBA" with those pixels transparent, so that they
+    are composited on white like every other transparent pixel (`to_rgb`), not left as the key colour (often
+    black). Images without a key, or whose key matches no pixel, are returned unchanged."""
+    notes = [] if notes is None else notes
+    key = im.info.get("transparency")
+    if key is None or isinstance(key, bytes) or im.mode not in ("RGB", "L", "1", "I", "I;16", "I;16B", "I;16L"):
+        return im
+    arr = np.asarray(im)
+    mask = np.all(arr == np.asarray(key), axis=-1) if arr.ndim == 3 else arr == key
+    if not mask.any():
+        return im
+    if im.mode.startswith("I"):
+        im = _grey_to_8bit(im, notes)
+    elif im.mode == "1":
+        im = im.convert("L")
+    out = im.convert("RGBA" if im.mode == "RGB" else "LA")
+    out.putalpha(Image.fromarray(np.where(mask, 0, 255).astype(np.uint8), "L"))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -276,25 +313,34 @@ def _open_rgb(path, draft_size, max_pixels) -> tuple[Image.Image, list[str], tup
             raise PixelLimitError(w, h, max_pixels)
         notes: list[str] = []
         # Before anything else reads the file (a PNG's getexif() loads the image and closes it).
-        if _png_bit_depth(opened) == 16 and opened.mode in ("RGB", "RGBA"):
+        if _reduced_bit_depth(opened):
             notes.append("16bit->8bit")
         n_frames = frame_count(opened)
         if n_frames > 1:
             opened.seek(0)
             notes.append(f"frame:1/{n_frames}")
         size = upright_size(opened)
+        orientation = opened.getexif().get(_EXIF_ORIENTATION, 1)
         if draft_size is not None and opened.format in ("JPEG", "MPO"):
             opened.draft(opened.mode, draft_size(w, h) if callable(draft_size) else draft_size)
         opened.load()
+        valid_orientation = orientation in (2, 3, 4, 5, 6, 7, 8)  # 0, 9, ...: not a valid value, ignored
+        # Pillow's TIFF reader applies the Orientation tag itself while loading (and removes the tag; its size is
+        # upright from the start): the pixels are upright already, only the note and size remain to be set.
+        applied_on_load = valid_orientation and opened.getexif().get(_EXIF_ORIENTATION, 1) != orientation
+        if applied_on_load:
+            size = opened.size
         icc = opened.info.get("icc_profile")
         if not icc and opened.getexif().get_ifd(_EXIF_IFD).get(_EXIF_COLOR_SPACE) == _UNCALIBRATED:
             # Cameras set to Adobe RGB write "uncalibrated" here (DCF option file) and often embed no profile:
             # the colours are not sRGB, but which space they are in is not stated. Say so; use them as they are.
             notes.append("colorspace-uncalibrated")
         im = opened
-        if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-            im = ImageOps.exif_transpose(im)
+        if valid_orientation:
+            if not applied_on_load:
+                im = ImageOps.exif_transpose(im)
             notes.append("exif-rotated")
+        im = colour_key_to_alpha(im, notes)
         im = to_srgb(im, icc, notes)
         out = to_rgb(im, notes)
         if out is not opened:
@@ -363,8 +409,18 @@ def encode(im: Image.Image, fmt: str = "webp", quality: int = 90) -> bytes:
 def process_image(path: str, size: int = 256, mode: str = "crop", pad_color: Sequence[int] = BACKGROUND,
                   fmt: str = "webp", quality: int = 90) -> bytes:
     """One image: decode (JPEG draft where it helps) → upright RGB → fit → encoded bytes."""
+    return process_image_with_phash(path, size, mode, pad_color, fmt, quality)[0]
+
+
+def process_image_with_phash(path: str, size: int = 256, mode: str = "crop", pad_color: Sequence[int] = BACKGROUND,
+                             fmt: str = "webp", quality: int = 90) -> tuple[bytes, str]:
+    """`process_image` plus the 64-bit perceptual hash (`imagehash.phash`, 16 hex digits) of the fitted image,
+    used by `dinoflow groups` to find near-duplicates."""
+    import imagehash
+
     im, _, _ = open_rgb(path, draft_size=lambda w, h: draft_request(w, h, size, mode))
-    return encode(fit(im, size, mode, pad_color), fmt, quality)
+    fitted = fit(im, size, mode, pad_color)
+    return encode(fitted, fmt, quality), str(imagehash.phash(fitted))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -428,11 +484,11 @@ class _ChunkProcessor:
     def __init__(self, size: int, mode: str, pad_color: Sequence[int], fmt: str, quality: int):
         self.kwargs = dict(size=size, mode=mode, pad_color=tuple(pad_color), fmt=fmt, quality=quality)
 
-    def __call__(self, chunk: list[str]) -> list[tuple[bytes | None, str | None]]:
+    def __call__(self, chunk: list[str]) -> list[tuple[tuple[bytes, str] | None, str | None]]:
         out = []
         for path in chunk:
             try:
-                out.append((process_image(path, **self.kwargs), None))
+                out.append((process_image_with_phash(path, **self.kwargs), None))
             except Exception as exc:  # noqa: BLE001 - reported with the id by the caller
                 out.append((None, f"{type(exc).__name__}: {exc}"))
         return out
@@ -516,14 +572,18 @@ def write_shards(records: Iterable[tuple[str, bytes]], out_dir: str | Path, shar
     return index
 
 
-def write_index(index_rows: Sequence[tuple], path: str | Path) -> None:
+def write_index(index_rows: Sequence[tuple], path: str | Path, phash: dict[str, str] | None = None) -> None:
+    """phash: id -> perceptual hash (hex), written as the `phash` column when given."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     cols = list(zip(*index_rows)) if index_rows else [[], [], [], [], []]
-    table = pa.table({"id": pa.array(cols[0], pa.string()), "shard": pa.array(cols[1], pa.int32()),
-                      "row": pa.array(cols[2], pa.int32()), "offset": pa.array(cols[3], pa.int64()),
-                      "length": pa.array(cols[4], pa.int64())})
+    columns = {"id": pa.array(cols[0], pa.string()), "shard": pa.array(cols[1], pa.int32()),
+               "row": pa.array(cols[2], pa.int32()), "offset": pa.array(cols[3], pa.int64()),
+               "length": pa.array(cols[4], pa.int64())}
+    if phash is not None:
+        columns["phash"] = pa.array([phash[i] for i in cols[0]], pa.string())
+    table = pa.table(columns)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
 
@@ -556,12 +616,14 @@ def main(params: dict[str, Any], **_: Any) -> None:
              mode, fmt, cfg.get("quality", 90), workers)
 
     failures: list[str] = []
+    phash: dict[str, str] = {}
     processor = _ChunkProcessor(size, mode, cfg.get("pad_color", BACKGROUND), fmt, int(cfg.get("quality", 90)))
 
     def records() -> Iterator[tuple[str, bytes]]:
         results = parallel_map(processor, files, workers, chunk_size=32, desc="preprocess")
-        for image_id, path, (blob, error) in zip(ids, files, results):
+        for image_id, path, (done, error) in zip(ids, files, results):
             if error is None:
+                blob, phash[image_id] = done
                 yield image_id, blob
             else:
                 # Ingest decoded this file earlier: failing now means it changed on disk since.
@@ -571,6 +633,6 @@ def main(params: dict[str, Any], **_: Any) -> None:
     if failures:
         raise DinoflowError(f"preprocess: {len(failures)} image(s) that ingest accepted could not be processed "
                             f"(rerun `dinoflow ingest`): " + "; ".join(failures[:5]))
-    write_index(index_rows, paths.PROCESSED_INDEX)
+    write_index(index_rows, paths.PROCESSED_INDEX, phash)
     log.info("preprocess: wrote %d images in %d shard(s) to %s, index %s", len(index_rows),
              len({r[1] for r in index_rows}), paths.PROCESSED_DIR, paths.PROCESSED_INDEX)

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from dinoflow import paths
+from dinoflow.checks import require_finite, require_index_range
 from dinoflow.errors import DinoflowError
 from dinoflow.evaluate.health import HealthConfig, embedding_health
 from dinoflow.evaluate.vectors import SimilarityConfig, collection_mean, read_vectors, read_vectors_metadata, \
@@ -217,11 +218,25 @@ def topk_neighbours(x: np.ndarray, k: int, cfg: dict[str, Any], seed: int = 0, p
     return idx, val.astype(np.float64), f"faiss-{index}"
 
 
-def neighbours_table(ids: np.ndarray, idx: np.ndarray, scores: np.ndarray) -> pa.Table:
+COSINE_TOLERANCE = 1e-3  # float32 dot products of unit vectors stay far inside this margin around [-1, 1]
+
+
+def neighbours_table(ids: np.ndarray, idx: np.ndarray, scores: np.ndarray, what: str = "neighbours") -> pa.Table:
     """Long table: query_id, rank (1 = nearest), neighbour_id, score (float64, the used similarity). FAISS
-    misses (-1) are left out."""
+    misses (-1) are left out.
+
+    Raises: DinoflowError (`what` names the output and model) when an index is outside [0, N) other than the
+    FAISS miss marker -1, a kept score is NaN / infinite, or a score is not a cosine (outside [-1, 1]).
+    """
     n, k = idx.shape
+    require_index_range(idx, len(ids), f"{what}: neighbour indices", missing=-1)
     valid = idx >= 0
+    require_finite(scores[valid], f"{what}: neighbour scores")
+    outside = np.abs(scores[valid]) > 1 + COSINE_TOLERANCE
+    if outside.any():
+        raise DinoflowError(f"{what}: {int(outside.sum())} of {int(valid.sum())} neighbour scores are outside "
+                            f"[-1, 1] (max |score| {float(np.abs(scores[valid]).max()):.4g}): not cosine "
+                            "similarities of unit vectors")
     ids = np.asarray(ids, dtype=object)
     query = np.repeat(ids, k).reshape(n, k)[valid]
     rank = np.broadcast_to(np.arange(1, k + 1, dtype=np.int16), (n, k))[valid]
@@ -248,12 +263,12 @@ def main(params: dict[str, Any], model: str) -> None:
              health["cosine_raw"]["median"], paths.health_metrics(model))
     idx, scores, method = topk_neighbours(x, int(cfg["k"]), cfg, center=similarity.center, seed=seed,
                                           progress=True)
-    table = neighbours_table(ids, idx, scores)
+    out = paths.neighbours(model)
+    table = neighbours_table(ids, idx, scores, what=f"{out} (model {model})")
     meta = read_vectors_metadata(src)
     meta.update({"neighbours_method": method, "k": int(idx.shape[1]), "embedding_column": "cls",
                  "similarity": similarity.describe(), "neighbours_precision": PRECISION[method.split("-")[0]]})
     table = table.replace_schema_metadata({b"dinoflow": json.dumps(meta, sort_keys=True, default=str).encode()})
-    out = paths.neighbours(model)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out)
     log.info("%s: top-%d neighbours of %d images (%s, %s) -> %s", model, idx.shape[1], len(ids),

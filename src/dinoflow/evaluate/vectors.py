@@ -3,6 +3,10 @@
 One writer and one reader, used by `embed`, `embed-text`, `neighbours`, `align`, `probes` and the report, so the
 layout is spelled in one place. Provenance (model name, weights source, stand-in label, params hash, counts) goes
 into the Parquet schema metadata as JSON under the key `dinoflow`.
+
+Both directions check every vector column (`dinoflow.checks`): a NaN / infinite value or an all-zero row (cosine
+undefined) is a `DinoflowError` naming the file, the column, the model and the number of bad rows; nothing
+non-finite is written, and an older or foreign file with such rows is refused before any stage uses it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dinoflow.checks import require_finite, require_nonzero_rows
 from dinoflow.errors import DinoflowError
 
 METADATA_KEY = b"dinoflow"
@@ -23,15 +28,23 @@ METADATA_KEY = b"dinoflow"
 
 def write_vectors(path: str | Path, ids: list[str] | np.ndarray, columns: Mapping[str, np.ndarray],
                   metadata: Mapping[str, Any]) -> None:
-    """Write `id` and one FixedSizeList<float32> column per entry of `columns` (each (N, D))."""
+    """Write `id` and one FixedSizeList<float32> column per entry of `columns` (each (N, D)).
+
+    Raises: DinoflowError for a wrong shape, or (before anything is written) a non-finite value or an all-zero
+    row in a column, naming the file, column, model (`metadata["model"]` or `["text_model"]`) and the row count.
+    """
     path = Path(path)
     ids = [str(i) for i in ids]
+    source = metadata.get("model") or metadata.get("text_model")
     arrays: list[pa.Array] = [pa.array(ids, type=pa.string())]
     names = ["id"]
     for name, mat in columns.items():
-        mat = np.ascontiguousarray(mat, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf here, and is reported just below
+            mat = np.ascontiguousarray(mat, dtype=np.float32)
         if mat.ndim != 2 or mat.shape[0] != len(ids):
             raise DinoflowError(f"{path}: column {name!r} has shape {mat.shape}, expected ({len(ids)}, D)")
+        check_vectors(mat, f"{path}: column {name!r}" + (f" (model {source})" if source else ""),
+                      "not written; the model produced invalid vectors (diverged weights? inputs out of range?)")
         flat = pa.array(mat.reshape(-1), type=pa.float32())
         arrays.append(pa.FixedSizeListArray.from_arrays(flat, mat.shape[1]))
         names.append(name)
@@ -64,7 +77,28 @@ def read_vectors(path: str | Path, column: str) -> tuple[np.ndarray, np.ndarray]
     dim = col.type.list_size
     values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
-    return ids, values.reshape(len(ids), dim)
+    values = values.reshape(len(ids), dim)
+    source = _source_of(table.schema.metadata or {})
+    check_vectors(values, f"{path}: column {column!r}" + (f" (model {source})" if source else ""),
+                  "re-run the stage that writes this file")
+    return ids, values
+
+
+def _source_of(schema_metadata: Mapping[bytes, bytes]) -> str | None:
+    """The model named in a file's dinoflow metadata (image model or text model), for error messages."""
+    try:
+        meta = json.loads(schema_metadata[METADATA_KEY].decode())
+    except (KeyError, ValueError):
+        return None
+    return meta.get("model") or meta.get("text_model")
+
+
+def check_vectors(x: np.ndarray, what: str, hint: str = "") -> None:
+    """Vectors fit for cosine similarity: all finite (`require_finite`) and no all-zero row.
+
+    Raises: DinoflowError naming `what` and the number of bad rows."""
+    require_finite(x, what, hint)
+    require_nonzero_rows(x, what, hint)
 
 
 def read_vectors_metadata(path: str | Path) -> dict[str, Any]:

@@ -4,6 +4,8 @@
 `random` -> seeded random weights of `backbone`; `pretrained` -> the weights of `pretrained`;
 the name of another model -> that model's saved weights (`paths.model_weights`).
 Every model is saved as `models/<name>/weights.safetensors` + `models/<name>/info.json`.
+Weights are checked for NaN / infinite values (`dinoflow.checks.require_finite`) when loaded from any source and
+before they are saved (the end of training): a diverged model stops there, naming the model, file and tensors.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dinoflow import paths
+from dinoflow.checks import require_finite
 from dinoflow.config import model_config, model_names, params_hash
 from dinoflow.errors import DinoflowError
 from dinoflow.models.encoder import Encoder
@@ -54,7 +57,10 @@ def create_encoder(params: dict[str, Any], model_name: str) -> tuple[Encoder, di
     elif init == "pretrained":
         pt = params["pretrained"]
         encoder = Encoder(pt["arch"], pt.get("img_size"), pt.get("kwargs") or {})
-        source = load_pretrained(encoder, pt)
+        try:
+            source = load_pretrained(encoder, pt)
+        except DinoflowError as exc:
+            raise DinoflowError(f"model {model_name}: {exc}") from exc
         info.update(arch=pt["arch"], img_size=pt.get("img_size"), timm_kwargs=dict(pt.get("kwargs") or {}),
                     weights_source=source, stand_in=bool(pt.get("stand_in")), stand_in_label=_stand_in_label(pt),
                     params_hash=params_hash({"pretrained": pt, "model": cfg}))
@@ -76,25 +82,38 @@ def create_encoder(params: dict[str, Any], model_name: str) -> tuple[Encoder, di
 
 def save_encoder(encoder: Encoder, path: str | Path, info: dict[str, Any]) -> None:
     """Weights as safetensors at `path` (info also in its metadata) and `info.json` in the same folder
-    (`paths.model_info(name)` when `path` is `paths.model_weights(name)`)."""
+    (`paths.model_info(name)` when `path` is `paths.model_weights(name)`).
+
+    Raises: DinoflowError, before anything is written, when a tensor holds NaN / infinite values.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    require_finite(tensors, f"model {info.get('name')}: weights to be saved to {path}",
+                   "not saved: training diverged (lower train.lr, check the loss curves) or the initial weights "
+                   "were already bad")
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"info": json.dumps(info, sort_keys=True, default=str)})
     write_json(path.parent / "info.json", info)
     log.info("saved %s weights to %s", info.get("name"), path)
 
 
 def encoder_from_files(weights: str | Path, info_path: str | Path) -> Encoder:
-    """Rebuild the architecture recorded in `info_path` and load `weights` strictly."""
+    """Rebuild the architecture recorded in `info_path` and load `weights` strictly.
+
+    Raises: DinoflowError when a file is missing, a tensor holds NaN / infinite values, or the weights do not fit
+    the recorded architecture.
+    """
     weights, info_path = Path(weights), Path(info_path)
     for p in (weights, info_path):
         if not p.is_file():
             raise DinoflowError(f"{p}: missing (run the model's training rule first)")
     info = read_json(info_path)
     encoder = Encoder(info["arch"], info.get("img_size"), info.get("timm_kwargs") or {})
+    state = load_file(str(weights))
+    require_finite(state, f"model {info.get('name')}: {weights}",
+                   "re-run the model's training rule (delete the file first)")
     try:
-        encoder.load_state_dict(load_file(str(weights)), strict=True)
+        encoder.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise DinoflowError(f"{weights}: does not match the architecture in {info_path}: {exc}") from exc
     encoder.info = info

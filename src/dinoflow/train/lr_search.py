@@ -168,6 +168,10 @@ def main(params: dict[str, Any], images: Any = None) -> dict[str, float]:
     complete = [tr for tr in study.trials if tr.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise DinoflowError("lr search: no trial completed (all pruned or failed); widen lr_search.lr_range")
+    if not any(math.isfinite(curves[tr.number]["value"]) for tr in complete):  # only the 1e9 stand-in values
+        raise DinoflowError(f"lr search: all {len(complete)} completed trials diverged (NaN / infinite loss) for lr "
+                            f"in [{lo:g}, {hi:g}]; no learning rate written to {paths.LR_SEARCH_BEST}: lower "
+                            "lr_search.lr_range")
     best = {k: float(v) for k, v in study.best_params.items()}
     best.update(objective=float(study.best_value), trial=int(study.best_trial.number), n_trials=len(study.trials),
                 lr_units="per 256 images (scaled by train.batch_size / 256 in training)")

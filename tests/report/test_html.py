@@ -400,3 +400,18 @@ def test_malformed_metrics_file_names_the_file(tmp_path):
         path.write_text("{oops")
         with pytest.raises(DinoflowError, match=r"metrics/align/scratch\.json: not valid JSON"):
             report_html.read_align(["scratch"])
+
+
+def test_training_curves_per_method(report):
+    """The training section starts with one figure: a panel per trained model titled "model · method"; each
+    model's own curves are headed with its method."""
+    ws, params, page, _, parser = report
+    trained = [m["name"] for m in params["models"] if m["method"] != "none"]
+    imgs = [a for t, a in parser.tags if t == "img" and a.get("alt") == "loss and its components per trained model"]
+    assert len(imgs) == 1 and imgs[0]["src"].startswith("data:image/png;base64,")
+    assert (ws / paths.REPORT_FIGURES_DIR / "training_by_method.png").exists()
+    training = page.split('<section id="training">')[1].split("</section>")[0]
+    for m in params["models"]:
+        if m["method"] != "none":
+            assert f"<h3>{m['name']} ({m['method']})</h3>" in training
+    assert training.index("Training curves per method") < training.index(f"<h3>{trained[0]} (")

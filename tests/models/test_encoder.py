@@ -147,15 +147,32 @@ def test_vit_freezing_none_and_all():
             enc.set_trainable(bad)
 
 
-def test_efficientnet_freezing_last_stage_and_head():
+@pytest.mark.parametrize("spec, blocks", [("last1", ["6.0"]), ("last3", ["5.2", "5.3", "6.0"])])
+def test_efficientnet_last_k_means_k_blocks(spec, blocks):
+    """timm's fine-grained grouping: lastK = the last K inverted-residual blocks (not stages), plus the final
+    1x1 conv and its BatchNorm, which timm groups with the last block."""
     torch.manual_seed(0)
     enc = Encoder("tf_efficientnet_lite0", 64).train()
-    names = enc.set_trainable("last1")
-    # last stage (blocks.6) plus the final 1x1 conv and its BatchNorm, which timm groups with it
+    names = enc.set_trainable(spec)
     expected = {n for n, _ in enc.named_parameters()
-                if n.startswith(("model.blocks.6.", "model.conv_head.", "model.bn2."))}
-    assert set(names) == expected and len(expected) == 12
+                if n.startswith(tuple(f"model.blocks.{b}." for b in blocks) + ("model.conv_head.", "model.bn2."))}
+    assert set(names) == expected
     assert _grads_after_backward(enc, images(2, size=64)) == expected
+    counts = enc.parameter_counts()
+    params = dict(enc.named_parameters())
+    assert counts["trainable_params"] == sum(params[n].numel() for n in expected)
+    assert counts["total_params"] == sum(p.numel() for p in params.values())
+    assert 0 < counts["trainable_share"] < 0.7  # lite0: last1 ~ 0.8 M, last3 ~ 1.8 M of 3.4 M
+
+
+def test_vit_parameter_counts_follow_trainable():
+    enc = tiny_vit(depth=4)
+    total = sum(p.numel() for p in enc.parameters())
+    enc.set_trainable("none")
+    assert enc.parameter_counts() == {"trainable_params": 0, "total_params": total, "trainable_share": 0.0}
+    enc.set_trainable("last1")
+    block = sum(p.numel() for n, p in enc.named_parameters() if n.startswith(("model.blocks.3.", "model.norm.")))
+    assert enc.parameter_counts()["trainable_params"] == block
 
 
 def test_frozen_batchnorm_keeps_running_statistics():

@@ -88,15 +88,17 @@ class Encoder(nn.Module):
         self.model.set_grad_checkpointing(enable)
 
     def block_groups(self) -> tuple[list[str], list[list[str]], list[str]]:
-        """(stem names, block groups, tail names) from timm's coarse `group_matcher`.
+        """(stem names, block groups, tail names) from timm's fine-grained `group_matcher(coarse=False)`.
 
+        One group per block in both families: a ViT transformer block, or one EfficientNet-style block
+        (`blocks.<stage>.<block>`, not a whole stage), so `lastK` trains K blocks whatever the architecture.
         timm merges the final norm into the last block group (ViT `norm`, EfficientNet `conv_head`/`bn2`);
         the tail is what no pattern matches (e.g. ViT `fc_norm` with average pooling) and always follows
         the last block. Names are relative to this Encoder (prefixed `model.`).
         """
         if not hasattr(self.model, "group_matcher"):
             raise DinoflowError(f"trainable: timm model {self.arch!r} has no group_matcher; use none or all")
-        matcher = self.model.group_matcher(coarse=True)
+        matcher = self.model.group_matcher(coarse=False)
         groups = group_parameters(self.model, matcher)
         ids = sorted(groups)
         specs = matcher["blocks"] if isinstance(matcher["blocks"], (list, tuple)) else [(matcher["blocks"], None)]
@@ -112,8 +114,8 @@ class Encoder(nn.Module):
     def set_trainable(self, spec: str) -> list[str]:
         """Freeze / unfreeze parameters: `none`, `all`, or `lastK` (last K block groups + final norm).
 
-        For ViTs a block group is one transformer block; for EfficientNet-style CNNs it is one stage
-        (timm's coarse grouping), and the final norm is `conv_head` + `bn2`. The mask token trains only with
+        A block group is one block (timm's fine-grained grouping): one transformer block of a ViT, one
+        inverted-residual block of an EfficientNet-style CNN, whose final norm is `conv_head` + `bn2`. The mask token trains only with
         `all` (it belongs to the embedding). Returns (and keeps in `trainable_names`) the trainable names.
         """
         spec = str(spec)
@@ -138,6 +140,14 @@ class Encoder(nn.Module):
         self.trainable_names = [n for n in names if n in chosen]
         log.info("%s: trainable=%s -> %d of %d parameter tensors", self.arch, spec, len(chosen), len(names))
         return self.trainable_names
+
+    def parameter_counts(self) -> dict[str, Any]:
+        """{"trainable_params", "total_params", "trainable_share"} of this backbone (elements, not tensors),
+        for the current `set_trainable` spec; the share is 0.0 for a backbone without parameters."""
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"trainable_params": int(trainable), "total_params": int(total),
+                "trainable_share": float(trainable / total) if total else 0.0}
 
     def train(self, mode: bool = True) -> "Encoder":
         """As nn.Module.train, but frozen BatchNorm layers stay in eval mode: partial fine-tunes keep the

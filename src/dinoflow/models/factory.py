@@ -36,6 +36,36 @@ def _stand_in_label(pretrained: dict[str, Any]) -> str:
     return f"{pretrained.get('arch')} ({pretrained.get('source')} weights) — stand-in for DINOv2"
 
 
+def random_timm_kwargs(backbone: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
+    """(timm kwargs, init_values) of the random `backbone`: `backbone.kwargs` plus its LayerScale init.
+
+    `backbone.init_values` (ViTs): null = no LayerScale (the residual branches start at full strength),
+    a number = LayerScale gammas start at that value (timm's DINOv2 ViTs default to 1e-5, which makes every
+    image's random CLS embedding nearly the same). timm drops kwargs that are None, so "no LayerScale" is
+    passed as 0.0, which its ViT blocks treat as off (`LayerScale(...) if init_values else nn.Identity()`).
+    Raises DinoflowError when `backbone.kwargs` also sets init_values (one fact in one place).
+    """
+    kwargs = dict(backbone.get("kwargs") or {})
+    if "init_values" in kwargs:
+        raise DinoflowError("backbone.kwargs.init_values: set the LayerScale init with backbone.init_values "
+                            "(null = no LayerScale), not in kwargs")
+    init_values = backbone["init_values"]
+    kwargs["init_values"] = 0.0 if init_values is None else float(init_values)
+    return kwargs, None if init_values is None else float(init_values)
+
+
+def check_layer_scale(encoder: Encoder, init_values: float | None) -> None:
+    """Verify the built random backbone has the LayerScale that `backbone.init_values` asked for."""
+    from timm.layers import LayerScale
+
+    scales = [m for m in encoder.modules() if isinstance(m, LayerScale)]
+    if init_values is None and scales:
+        raise DinoflowError(f"backbone.init_values: null (no LayerScale) but timm built {encoder.arch} with "
+                            f"{len(scales)} LayerScale layers; set a number instead")
+    if init_values is not None and not scales:
+        raise DinoflowError(f"backbone.init_values: {init_values} but {encoder.arch} has no LayerScale; use null")
+
+
 def create_encoder(params: dict[str, Any], model_name: str) -> tuple[Encoder, dict[str, Any]]:
     """The encoder of `model_name` with its initial weights, and its info dict (see docs/architecture.md).
 
@@ -45,13 +75,24 @@ def create_encoder(params: dict[str, Any], model_name: str) -> tuple[Encoder, di
     init = cfg["init"]
     info: dict[str, Any] = {"name": model_name, "init": init, "method": cfg.get("method", "none"),
                             "trainable": cfg.get("trainable", "none")}
+    init_values = None  # LayerScale init: only a random ViT has one to report (pretrained weights bring theirs)
     if init == "random":
         bb = params["backbone"]
+        kwargs, init_values = random_timm_kwargs(bb)
         # fork_rng: the same seed gives the same weights whatever ran before, without touching global RNG state.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(params["seed"]))
-            encoder = Encoder(bb["arch"], bb.get("img_size"), bb.get("kwargs") or {})
-        info.update(arch=bb["arch"], img_size=bb.get("img_size"), timm_kwargs=dict(bb.get("kwargs") or {}),
+            try:
+                encoder = Encoder(bb["arch"], bb.get("img_size"), kwargs)
+            except DinoflowError as exc:
+                if init_values is not None or "init_values" not in str(exc):
+                    raise
+                # a backbone without LayerScale (e.g. a CNN) does not take the argument: null means nothing to set
+                kwargs.pop("init_values")
+                torch.manual_seed(int(params["seed"]))
+                encoder = Encoder(bb["arch"], bb.get("img_size"), kwargs)
+        check_layer_scale(encoder, init_values)
+        info.update(arch=bb["arch"], img_size=bb.get("img_size"), timm_kwargs=kwargs,
                     weights_source=f"random (seed {params['seed']})", stand_in=False, stand_in_label="",
                     params_hash=params_hash({"seed": params["seed"], "backbone": bb, "model": cfg}))
     elif init == "pretrained":
@@ -75,6 +116,10 @@ def create_encoder(params: dict[str, Any], model_name: str) -> tuple[Encoder, di
         raise DinoflowError(f"models[{model_name}].init: {init!r} is not random, pretrained or the name of "
                             f"another model ({', '.join(n for n in model_names(params) if n != model_name)})")
     encoder.set_trainable(info["trainable"])
+    # Contract 2 of docs/architecture.md: the train stage fills evaluated_network, collapse and drift for
+    # trained models; untrained ones keep these nulls.
+    info.update(init_values=init_values if encoder.is_vit else None, evaluated_network=None,
+                **encoder.parameter_counts(), collapse=None, drift=None)
     encoder.info = info
     log.info("model %s: %s %s", model_name, info["arch"], info["weights_source"])
     return encoder, info

@@ -53,6 +53,9 @@ class TrainConfig:
     log_every: int
     max_steps_per_epoch: int | None
     checkpoint_every: int
+    evaluate_network: str      # auto (the method's choice) | teacher | student
+    on_collapse: str           # warn | fail
+    drift_images: int
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "TrainConfig":

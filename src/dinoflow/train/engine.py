@@ -14,14 +14,15 @@ What the engine does, whatever the method (`dinoflow.ssl.methods.base.SSLMethod`
    (no weight decay on biases / norms / 1-d tensors; head vs backbone lr; DINOv2 layer-wise decay);
 5. EMA: every (student, teacher) pair the method declares moves towards the student (frozen parameters stay
    bit-identical; buffers copied);
-6. monitors: the spread of the normalised embeddings the method returns (``monitor/embedding_std``; ~0 means
-   every image maps to one point).
+6. monitors (`dinoflow.train.monitors`): spread and RankMe of the embeddings the method returns, and the entropy
+   of its teacher's targets when it has them; at the end, a collapse verdict over the last epoch (contract 2).
 
 Fine-tunes (`init` not random): the backbone is frozen for ``finetune.head_warmup_epochs`` (heads warm up), then
 the ``trainable`` blocks train with their own lr; BatchNorm statistics of the pretrained backbone are kept.
 
 `fit` is a whole training run of a model: resume from ``paths.train_state`` (bit-exact), dvclive curves under
-``paths.train_log_dir``, the exported backbone saved with ``save_encoder``.
+``paths.train_log_dir``, the collapse verdict (``train.on_collapse``: warn or fail) and the drift from the initial
+weights (`dinoflow.train.drift`), the evaluated backbone (``train.evaluate_network``) saved with ``save_encoder``.
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dinoflow.errors import DinoflowError
 from dinoflow.ssl.methods.base import (Batch, MethodSetup, SSLMethod, StepContext, ViewDataset, ViewSettings,
                                        build_method, collate_views)
+from dinoflow.train import monitors
 from dinoflow.train.config import FinetuneConfig, TrainConfig
 from dinoflow.train.distributed import DistContext, all_reduce_mean, global_batchnorm
 from dinoflow.train.schedules import cosine_schedule
@@ -193,6 +194,8 @@ class Engine:
             self.ema_pairs += [(sp[k], tp[k]) for k in sp if id(sp[k]) in train_ids]
             self.ema_buffers += list(zip(student.buffers(), teacher.buffers()))
 
+        self.evaluated()  # a teacher asked of a method without one fails now, not after training
+
         # -- data
         self.sampler = GlobalBatchSampler(len(images), cfg.batch_size, self.steps_per_epoch, self.seed,
                                           self.ctx.rank, self.ctx.world_size)
@@ -316,7 +319,7 @@ class Engine:
         if "loss" not in out:
             raise DinoflowError(f"method {self.method.name}: training_step returned no 'loss'")
         loss = out.pop("loss")
-        embeddings = out.pop("embeddings", None)
+        embeddings, targets = out.pop("embeddings", None), out.pop("targets", None)
         logged = {k: float(all_reduce_mean(torch.as_tensor(v).detach().float().to(self.device)))
                   for k, v in out.items()}
         logged["loss/total"] = float(all_reduce_mean(loss.detach().float()))
@@ -349,10 +352,7 @@ class Engine:
                     tb.copy_(sb)
 
         if embeddings is not None:
-            with torch.no_grad():
-                z = F.normalize(embeddings.detach().float(), dim=-1)
-                std = z.std(dim=0).mean() if z.shape[0] > 1 else torch.zeros((), device=z.device)
-            logged["monitor/embedding_std"] = float(all_reduce_mean(std))
+            logged.update(self._monitors(embeddings, targets))
         logged.update({k if k in ("lr", "wd", "momentum") else ("lr/" + k[3:] if k.startswith("lr_") else k): v
                        for k, v in values.items()})
         logged.update({f"grad_norm/{k}": v for k, v in norms.items()})
@@ -360,6 +360,58 @@ class Engine:
             logged["finetune/head_loss" if self.phase == "head_warmup" else "finetune/backbone_loss"] = \
                 logged["loss/total"]
         return logged
+
+    # ------------------------------------------------------------------ monitors and the evaluated network
+    def _monitors(self, embeddings: torch.Tensor, targets: torch.Tensor | None) -> dict[str, float]:
+        """Collapse monitors of this step (`dinoflow.train.monitors`), averaged over processes: with targets
+        (DINO-style teachers) `teacher/entropy`, `teacher/entropy_fraction`, `teacher/std`, `teacher/rankme`;
+        without, `<network>/std` and `<network>/rankme` of the method's embeddings. Also records what the verdict
+        needs (rows per process, embedding dimension, log K) in `self.monitor_meta`."""
+        if targets is not None:
+            values = monitors.teacher_monitors(targets, embeddings)
+            self.monitor_meta = {"log_k": math.log(targets.shape[-1]) if targets.shape[-1] > 1 else 1.0}
+        else:
+            net = self.method.evaluated_network
+            values = {f"{net}/{k}": v for k, v in monitors.embedding_monitors(embeddings).items()}
+            self.monitor_meta = {}
+        self.monitor_meta.update(n_samples=int(embeddings.shape[0]), embed_dim=int(embeddings.shape[-1]))
+        return {k: float(all_reduce_mean(torch.tensor(float(v), device=self.device))) for k, v in values.items()}
+
+    def verdict(self, history: list[dict[str, float]]) -> dict[str, Any] | None:
+        """Contract 2's collapse verdict over the monitors of `history` (the steps of the last epoch); None when
+        the method returned no embeddings to watch."""
+        if not history:
+            return None
+        meta = history[-1]
+        if "teacher/entropy" in meta:
+            return monitors.collapse_verdict(**monitors.summarise(history), log_k=meta["_log_k"],
+                                             embed_dim=int(meta["_embed_dim"]), n_samples=int(meta["_n_samples"]))
+        net = self.method.evaluated_network
+        if f"{net}/std" not in meta:
+            return None
+        mean = {k: float(np.mean([h[f"{net}/{k}"] for h in history])) for k in monitors.EMBEDDING_KEYS}
+        return monitors.embedding_verdict(mean["std"], mean["rankme"], int(meta["_embed_dim"]),
+                                          int(meta["_n_samples"]))
+
+    def history_entry(self, values: dict[str, float]) -> dict[str, float]:
+        """What the verdict keeps of one step: the monitors and their context (n, D, log K)."""
+        keep = {k: v for k, v in values.items()
+                if k in monitors.MONITOR_KEYS or k.endswith(("/std", "/rankme")) or k == "teacher/entropy_fraction"}
+        keep.update({f"_{k}": float(v) for k, v in getattr(self, "monitor_meta", {}).items()})
+        return keep
+
+    def evaluated(self) -> tuple[str, Any]:
+        """(network name, backbone) saved as the model: `train.evaluate_network` (auto: the method's choice)."""
+        choice = self.cfg.evaluate_network
+        if choice == "auto":
+            return self.method.evaluated_network, self.method.exported_backbone()
+        if choice == "student":
+            return "student", self.method.backbone
+        teacher = self.method.ema_backbone()
+        if teacher is None:
+            raise DinoflowError(f"train.evaluate_network: teacher, but method {self.method.name!r} has no teacher "
+                                "(no EMA copy of the backbone); use auto or student")
+        return "teacher", teacher
 
     # ------------------------------------------------------------------ the loop
     def steps(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, dict[str, float]]]:
@@ -435,20 +487,25 @@ def _trim_dvclive(log_dir: Path, step: int) -> None:
 
 def fit(engine: Engine, model_name: str, info: dict[str, Any], run_hash: str, *, state_path: str | Path,
         log_dir: str | Path, weights_path: str | Path, extra_info: dict[str, Any] | None = None,
-        on_step=None):
+        initial=None):
     """Train ``engine`` to the end as model ``model_name``, resuming from ``state_path`` when it was saved with
-    the same ``run_hash``; curves to ``log_dir`` (dvclive); the exported backbone + info to ``weights_path``.
+    the same ``run_hash``; curves to ``log_dir`` (dvclive); the evaluated backbone + info to ``weights_path``.
 
-    ``on_step(it, values)`` is called after each step (collapse warnings). Returns the exported backbone.
+    info.json gains (contract 2) ``evaluated_network``, ``collapse`` (the verdict over the last epoch's monitors)
+    and ``drift`` (median cosine between ``initial``'s and the final embeddings; None without ``initial``).
+    Returns the evaluated backbone. Raises DinoflowError when the loss diverges, or when the verdict is a collapse
+    and ``train.on_collapse`` is fail (weights not saved).
     """
     from dvclive import Live
 
     from dinoflow.models.factory import save_encoder
     from dinoflow.train import checkpoint
+    from dinoflow.train.drift import embedding_drift
 
     ctx, cfg, n_steps = engine.ctx, engine.cfg, engine.steps_per_epoch
     state_path, log_dir = Path(state_path), Path(log_dir)
     start = 0
+    history: list[dict[str, float]] = []  # collapse monitors of the steps of the current epoch
     state = checkpoint.load_state(state_path)
     if state is not None and state.get("run_hash") != run_hash:
         log.warning("%s: saved for other parameters; training %s from the start", state_path, model_name)
@@ -457,6 +514,7 @@ def fit(engine: Engine, model_name: str, info: dict[str, Any], run_hash: str, *,
         engine.load_state_dict(state["engine"])
         checkpoint.set_rng_states(state["rng"])
         start = int(state["step"])
+        history = list(state["monitors"])
         log.info("%s: resuming at step %d of %d (epoch %d)", model_name, start, engine.total_steps,
                  start // n_steps)
 
@@ -464,6 +522,7 @@ def fit(engine: Engine, model_name: str, info: dict[str, Any], run_hash: str, *,
         if ctx.is_main:
             checkpoint.save_state(state_path, {"engine": engine.state_dict(), "rng": checkpoint.rng_states(),
                                                "step": step, "epoch": step // n_steps, "run_hash": run_hash,
+                                               "monitors": history,
                                                "data_order": {"seed": engine.seed, "steps_per_epoch": n_steps,
                                                               "global_batch": cfg.batch_size}})
 
@@ -477,45 +536,68 @@ def fit(engine: Engine, model_name: str, info: dict[str, Any], run_hash: str, *,
             _trim_dvclive(log_dir, start)
         live = Live(str(log_dir), resume=start > 0, save_dvc_exp=False, dvcyaml=None)
     stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
-    log.info("%s: %s %s, %d epochs x %d steps, global batch %d, %d process(es), trainable=%s", model_name,
-             engine.method.name, "fine-tune" if engine.ft else "from scratch", engine.epochs, n_steps,
-             cfg.batch_size, ctx.world_size, engine.trainable)
+    network, _ = engine.evaluated()
+    log.info("%s: %s %s, %d epochs x %d steps, global batch %d, %d process(es), trainable=%s, evaluated: %s",
+             model_name, engine.method.name, "fine-tune" if engine.ft else "from scratch", engine.epochs, n_steps,
+             cfg.batch_size, ctx.world_size, engine.trainable, network)
     from tqdm.auto import tqdm
 
     last: dict[str, float] = {}
     t0, done = time.time(), 0
     bar = tqdm(total=engine.total_steps, initial=start, desc=f"train {model_name}", disable=not ctx.is_main)
     for it, last in engine.steps(start):
+        if it % n_steps == 0:
+            history = []
+        history.append(engine.history_entry(last))
         done += 1
         if live is not None and it % cfg.log_every == 0:
             live.step = it
             for k, v in last.items():
                 live.log_metric(k, v)
             live.next_step()
-        if on_step is not None:
-            on_step(it, last)
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss/total']:.4f}")
         if stop_after and done >= stop_after:
             bar.close()
             log.warning("%s: stopping after %d steps (%s), without saving, as a kill would", model_name, done,
                         STOP_AFTER_ENV)
-            return engine.method.exported_backbone()
+            return engine.evaluated()[1]
         if (it + 1) % n_steps == 0 or (it + 1) % cfg.checkpoint_every == 0:
             save(it + 1)
+        if (it + 1) % n_steps == 0:
+            verdict = engine.verdict(history)
+            if verdict is not None and verdict["verdict"] != "healthy":
+                log.warning("%s epoch %d: %s (%s)", model_name, it // n_steps, verdict["verdict"], verdict["reason"])
     bar.close()
     elapsed = time.time() - t0
-    exported = engine.method.exported_backbone()
+    verdict = engine.verdict(history)  # the last epoch's (also after a resume with nothing left to do)
+    network, backbone = engine.evaluated()
     if ctx.is_main:
-        info = dict(info, evaluated_network=engine.method.evaluated_network,
+        if verdict is not None and verdict["verdict"] != "healthy" and cfg.on_collapse == "fail":
+            if live is not None:
+                live.end()
+            raise DinoflowError(f"model {model_name}: {verdict['verdict']} after training ({verdict['reason']}); "
+                                f"weights not saved (train.on_collapse: fail). Curves: {log_dir}")
+        drift = (embedding_drift(initial, backbone, engine.images, cfg.drift_images, engine.seed)
+                 if initial is not None else None)
+        info = dict(info, evaluated_network=network, collapse=verdict, drift=drift,
                     train={"method": engine.method.name, "epochs": engine.epochs, "steps": engine.total_steps,
                            "steps_per_epoch": n_steps, "global_batch": cfg.batch_size,
                            "processes": ctx.world_size, "final_loss": last.get("loss/total"),
                            "images_per_s_this_run": round(done * cfg.batch_size / max(elapsed, 1e-9), 2),
                            **(extra_info or {})})
-        save_encoder(exported, weights_path, info)
+        save_encoder(backbone, weights_path, info)
         if live is not None:
+            if verdict is not None:
+                live.summary["collapse"] = {k: v for k, v in verdict.items() if k != "reason"}
+            if drift is not None:
+                live.summary["drift"] = {"median_cosine": drift["median_cosine"], "ci95": drift["ci95"]}
             live.end()
-        log.info("%s: %s backbone -> %s; curves -> %s; state -> %s", model_name, engine.method.evaluated_network,
-                 weights_path, log_dir, state_path)
-    return exported
+        if verdict is not None:
+            log.info("%s: collapse verdict %s (%s)", model_name, verdict["verdict"], verdict["reason"])
+        if drift is not None:
+            log.info("%s: median cosine to the initial embeddings %.4f [%.4f, %.4f] over %d images", model_name,
+                     drift["median_cosine"], *drift["ci95"], drift["n_images"])
+        log.info("%s: %s backbone -> %s; curves -> %s; state -> %s", model_name, network, weights_path, log_dir,
+                 state_path)
+    return backbone

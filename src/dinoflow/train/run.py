@@ -10,6 +10,7 @@ Under torchrun every process runs this; only rank 0 writes files.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,10 @@ def train_model(params: dict[str, Any], model_name: str, encoder, info: dict[str
                 ctx: DistContext | None = None):
     """Train ``encoder`` as model ``model_name`` wants (resuming from ``paths.train_state`` when it exists).
 
-    Returns the evaluated backbone after saving it to ``paths.model_weights`` (rank 0). ``images``: anything with
-    ``__len__`` and ``get(i)`` (default: the processed `ImageStore`).
+    Returns the evaluated backbone (``train.evaluate_network``) after saving it to ``paths.model_weights`` with
+    info.json holding the evaluated network, the collapse verdict and the drift from the initial weights (rank 0).
+    ``images``: anything with ``__len__`` and ``get(i)`` (default: the processed `ImageStore`). Raises DinoflowError
+    when the loss diverges or (``train.on_collapse: fail``) the verdict is a collapse.
     """
     from dinoflow.data.store import ImageStore
 
@@ -68,12 +71,13 @@ def train_model(params: dict[str, Any], model_name: str, encoder, info: dict[str
     overrides = lr_from_search(params, model_name)
     spec = run_spec(params, model_name, overrides)
     images = images if images is not None else ImageStore(paths.PROCESSED_DIR)
+    initial = copy.deepcopy(encoder).eval()  # the reference of the drift measure
     engine = make_engine(spec, encoder, images, ctx)
     run_hash = params_hash({"spec": spec, "init": info.get("params_hash"), "n_images": len(images),
                             "world_size": ctx.world_size})
     return fit(engine, model_name, info, run_hash, state_path=paths.train_state(model_name),
                log_dir=paths.train_log_dir(model_name), weights_path=paths.model_weights(model_name),
-               extra_info={"lr_overrides": overrides})
+               extra_info={"lr_overrides": overrides}, initial=initial)
 
 
 def main(params: dict[str, Any], model: str) -> None:

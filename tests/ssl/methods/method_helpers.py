@@ -52,7 +52,8 @@ def tiny_train_config(**changes) -> TrainConfig:
     values = dict(epochs=2, batch_size=8, num_workers=0, global_crop_size=28, local_crop_size=14, n_local_crops=2,
                   global_crop_scale=(0.5, 1.0), local_crop_scale=(0.2, 0.5), lr=0.01, min_lr=1e-6, warmup_epochs=0,
                   weight_decay=0.0, weight_decay_end=0.0, clip_grad=3.0, amp=False, compile=False,
-                  grad_checkpointing=False, log_every=1, max_steps_per_epoch=None, checkpoint_every=100)
+                  grad_checkpointing=False, log_every=1, max_steps_per_epoch=None, checkpoint_every=100,
+                  evaluate_network="auto", on_collapse="warn", drift_images=8)
     values.update(changes)
     return TrainConfig(**values)
 

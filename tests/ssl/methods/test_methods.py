@@ -48,7 +48,8 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss(method, kind, images):
             engine.method.queue.load_state_dict(fresh_queue)
         values = engine.train_step(batch, 0)
         losses.append(values["loss/total"])
-        assert math.isfinite(values["monitor/embedding_std"]) and values["monitor/embedding_std"] > 0
+        net = engine.method.evaluated_network  # the network whose embeddings are watched
+        assert math.isfinite(values[f"{net}/std"]) and values[f"{net}/std"] > 0 and values[f"{net}/rankme"] >= 1
     assert sum(losses[-3:]) / 3 < losses[0] - max(0.1 * abs(losses[0]), 0.05), losses
 
 
@@ -161,4 +162,9 @@ def test_dino_v1_loss_equals_lightly(images):
         want = ref(list(t), s, teacher_temp=0.04)
     torch.testing.assert_close(got["loss"], want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(m.dino_loss.center, ref.center.reshape(1, -1))  # same EMA centre update
-    assert 0 < float(got["teacher/entropy"]) <= math.log(m.cfg.out_dim) + 1e-4
+    probs = got["targets"]
+    assert probs.shape == (2 * batch.size, m.cfg.out_dim)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2 * batch.size))
+    entropy = float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean())
+    assert 0 < entropy <= math.log(m.cfg.out_dim) + 1e-4
+    assert float(got["dino_kl"]) == pytest.approx(float(got["loss"]) - entropy, abs=1e-5)

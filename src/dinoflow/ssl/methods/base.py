@@ -38,9 +38,13 @@ Conventions the engine relies on:
   method in ``DistributedDataParallel`` (``broadcast_buffers=False``), so anything batch-level (queues, centres,
   batch statistics over the global batch) must gather over processes itself, with
   `dinoflow.train.distributed.all_gather_with_grad` / ``all_reduce_mean`` (N processes then equal one).
-* ``training_step`` may also return ``"embeddings"``: a ``(B, D)`` detached tensor of the exported network's
-  pooled embeddings, used by the engine's collapse monitor (spread of the normalised embeddings); it is not
-  logged as a value. Every other non-``loss`` entry must be a 0-d tensor or a float and is logged as is.
+* ``training_step`` may also return ``"embeddings"``: a ``(M, D)`` detached tensor of the evaluated network's
+  pooled embeddings of the batch, and, for methods whose teacher gives target distributions (DINO, DINOv2),
+  ``"targets"``: the ``(M, K)`` target probabilities of the same rows, plus ``"dino_kl"`` (the student-teacher
+  KL). The engine turns them into the collapse monitors (`dinoflow.train.monitors`: ``<network>/std``,
+  ``<network>/rankme``, and with targets ``teacher/entropy`` / ``teacher/entropy_fraction``) and the end-of-run
+  collapse verdict; they are not logged as values. Every other non-``loss`` entry must be a 0-d tensor or a float
+  and is logged as is.
 * Views: ``Views.crops`` is a list of ``(C, H, W)`` float tensors; crops at the same position have the same size
   in every sample, so the collated batch has ``batch.views[v]`` of shape ``(B, C, H_v, W_v)`` (view-major, as
   DINOv2's ``global_crops.chunk(2)``). ``Views.targets`` holds per-sample pretext targets (a rotation label, the
@@ -361,6 +365,14 @@ class SSLMethod(nn.Module):
     def exported_backbone(self) -> "Encoder":
         """The Encoder saved as the model and evaluated; default the student backbone."""
         return self.backbone
+
+    def ema_backbone(self) -> "Encoder | None":
+        """The EMA copy of ``self.backbone`` declared in `ema_pairs` (None without one); used when params ask for
+        ``train.evaluate_network: teacher``."""
+        for student, teacher in self.ema_pairs():
+            if student is self.backbone:
+                return teacher
+        return None
 
 
 def make_teacher(module: nn.Module) -> nn.Module:

@@ -7,7 +7,6 @@ bottleneck, weight-normalised prototypes); teacher = EMA of both, evaluated. Eve
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -94,5 +93,5 @@ class DINO(SSLMethod):
         self.dino_loss.update_center(t_logits)
         with torch.no_grad():
             entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
-        return {"loss": loss, "embeddings": t_cls[: batch.size], "teacher/entropy": entropy,
-                "teacher/log_k": math.log(self.cfg.out_dim)}
+        return {"loss": loss, "loss/dino": loss.detach(), "embeddings": t_cls.detach(), "targets": probs.detach(),
+                "dino_kl": loss.detach() - entropy}

@@ -17,13 +17,11 @@ The DINO head is shared by the CLS token and the masked patch tokens (DINOv2's d
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dinoflow.errors import DinoflowError
@@ -178,14 +176,11 @@ class DINOv2(SSLMethod):
             terms["koleo"] = self.cfg.koleo_loss_weight * koleo
         loss = sum(terms.values())
 
-        # Collapse monitors: entropy of the teacher targets and spread of its normalised CLS embeddings.
+        # Collapse monitors (the engine's, from the teacher's targets and CLS embeddings) and the KL part of the loss.
         with torch.no_grad():
             entropy = -(t_probs * torch.log(t_probs.clamp_min(1e-12))).sum(-1).mean()
-            t_cls = F.normalize(t_out["cls"].float(), dim=-1)
-            std = t_cls.std(dim=0).mean() if t_cls.shape[0] > 1 else torch.zeros((), device=t_cls.device)
         out = {f"loss/{k}": v.detach() for k, v in terms.items()}
-        out.update({"loss": loss, "embeddings": t_out["cls"].detach(), "teacher/entropy": entropy,
-                    "teacher/std": std, "teacher/log_k": math.log(self.cfg.out_dim),
+        out.update({"loss": loss, "embeddings": t_out["cls"].detach(), "targets": t_probs.detach(),
                     # CE - H(teacher) = KL(teacher || student): the part of the DINO loss the student can reduce
                     # (the CE itself rises while the teacher temperature warms up).
                     "dino_kl": dino.detach() - entropy})

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 CORES ?= all
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test dag dvc-yaml bench clean-outputs
+.PHONY: setup demo methods test dag dvc-yaml bench clean-outputs
 
 $(BIN)/dinoflow: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,18 @@ setup: $(BIN)/dinoflow  ## create .venv and install dinoflow with its test extra
 demo: setup  ## build the demo collection and run the whole DAG with Snakemake
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) --profile workflow/profiles/default
 	@echo "Report: $(CURDIR)/reports/index.html"
+
+# The method comparison: params.yaml + workflow/profiles/methods/params.yaml in its own run folder (the demo's
+# outputs are untouched). METHODS_SET: extra overrides, e.g. METHODS_SET="demo.limit=300 train.max_steps_per_epoch=3".
+METHODS_DIR ?= runs/methods
+METHODS_SET ?=
+
+methods: setup  ## compare one model per SSL method on the demo collection (report: $(METHODS_DIR)/reports/index.html)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dinoflow prepare-run --overlay workflow/profiles/methods/params.yaml \
+		--dir $(METHODS_DIR) $(foreach s,$(METHODS_SET),--set $(s))
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) --profile workflow/profiles/default \
+		--snakefile $(CURDIR)/Snakefile --directory $(METHODS_DIR)
+	@echo "Report: $(CURDIR)/$(METHODS_DIR)/reports/index.html"
 
 test: setup  ## run the whole test suite (unit, end-to-end, SLURM when available)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)

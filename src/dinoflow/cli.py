@@ -60,6 +60,13 @@ STAGES: tuple[Stage, ...] = (
           "95% bootstrap intervals over images for every metric and model, and paired differences between models."),
     Stage("report", "dinoflow.report.html:main",
           "Write reports/index.html (self-contained) and reports/metrics.json."),
+    Stage("prepare-run", "dinoflow.workflow.run_dir:main",
+          "Write a run folder's params.yaml (params.yaml + an overlay, e.g. the method comparison) and link the "
+          "project's data into it; then `snakemake --directory <dir>`.",
+          (("--overlay", {"required": True, "help": "YAML merged over params.yaml (mappings merge, lists replace)"}),
+           ("--dir", {"required": True, "help": "the run folder (its own params.yaml and outputs)"}),
+           ("--set", {"action": "append", "default": [], "metavar": "KEY.PATH=VALUE",
+                      "help": "one more override after the overlay, value parsed as YAML (repeatable)"}))),
     Stage("export-dvc", "dinoflow.workflow.export_dvc:main",
           "Generate dvc.yaml from the Snakemake DAG (one DVC stage per rule and model)."),
 )

@@ -116,21 +116,24 @@ def test_compare_table_renders_compare_json(report):
     models = model_names(params)
     with chdir(ws):
         compare = read_json(paths.COMPARE_METRICS)
+        methods = {m: read_json(paths.model_info(m))["method"] for m in models}
     table, header = _table(parser, "comparison", 0)
     names = list(compare["metrics"])
-    assert header == names
+    assert header == ["method"] + names  # the method column (models/<name>/info.json `method`), then the metrics
     badge = BADGES
     assert list(table) == [m + badge.get(m, "") for m in models] + ["best"]
     for m in models:
+        assert table[m + badge.get(m, "")][0] == methods[m]
         for j, name in enumerate(names):
             e = compare["metrics"][name]["per_model"][m]
-            assert table[m + badge.get(m, "")][j] == _interval(e["value"], e["ci95"]) + (e["reason"] or "")
+            assert table[m + badge.get(m, "")][j + 1] == _interval(e["value"], e["ci95"]) + (e["reason"] or "")
     # the best model only where compare.json names one; "cannot separate" elsewhere
+    assert table["best"][0] == ""
     for j, name in enumerate(names):
-        assert table["best"][j] == (compare["metrics"][name]["best"] or "cannot separate")
+        assert table["best"][j + 1] == (compare["metrics"][name]["best"] or "cannot separate")
     assert table["best"].count("cannot separate") == len(names) - 1 and models[-1] in table["best"]
     random_row = table["random" + badge["random"]]
-    assert "no image of this model has keywords" in random_row[names.index("mutual_knn/keywords")]
+    assert "no image of this model has keywords" in random_row[1 + names.index("mutual_knn/keywords")]
 
 
 def test_pairwise_differences_table(report):
@@ -159,13 +162,15 @@ def test_pairwise_differences_table(report):
 def test_health_collapse_and_drift_are_shown(report):
     ws, params, page, _, parser = report
     table, header = _table(parser, "health", 0)
-    assert header[:5] == ["images", "dim", "raw cosine", "used similarity", "RankMe"]
+    assert header[:6] == ["method", "images", "dim", "raw cosine", "used similarity", "RankMe"]
+    table = {m: row[1:] for m, row in table.items()}  # the method column is checked below
     assert "Similarity used by the neighbours" in page and "<b>centred cosine, float64</b>" in page
     with chdir(ws):
         for m in model_names(params):
             h = read_json(paths.health_metrics(m))
             info = read_json(paths.model_info(m))
             row = table[m + BADGES.get(m, "")]
+            assert _table(parser, "health", 0)[0][m + BADGES.get(m, "")][0] == info["method"]
             assert row[0] == str(h["n"]) and row[1] == str(h["dim"]) and row[4] == f"{h['rankme']:.3f}"
             if h["degenerate"]:
                 assert row[5].startswith("degenerate") and h["reason"] in row[5]
@@ -186,7 +191,7 @@ def test_health_collapse_and_drift_are_shown(report):
 def test_models_table_says_how_each_model_was_trained(report):
     ws, params, _, _, parser = report
     table, header = _table(parser, "models", 0)
-    assert header[:7] == ["architecture", "init", "LayerScale init", "training", "evaluated network", "trainable",
+    assert header[:7] == ["architecture", "init", "LayerScale init", "method", "evaluated network", "trainable",
                           "trainable parameters"]
     with chdir(ws):
         ft = read_json(paths.model_info("ft_last1"))
@@ -395,3 +400,18 @@ def test_malformed_metrics_file_names_the_file(tmp_path):
         path.write_text("{oops")
         with pytest.raises(DinoflowError, match=r"metrics/align/scratch\.json: not valid JSON"):
             report_html.read_align(["scratch"])
+
+
+def test_training_curves_per_method(report):
+    """The training section starts with one figure: a panel per trained model titled "model · method"; each
+    model's own curves are headed with its method."""
+    ws, params, page, _, parser = report
+    trained = [m["name"] for m in params["models"] if m["method"] != "none"]
+    imgs = [a for t, a in parser.tags if t == "img" and a.get("alt") == "loss and its components per trained model"]
+    assert len(imgs) == 1 and imgs[0]["src"].startswith("data:image/png;base64,")
+    assert (ws / paths.REPORT_FIGURES_DIR / "training_by_method.png").exists()
+    training = page.split('<section id="training">')[1].split("</section>")[0]
+    for m in params["models"]:
+        if m["method"] != "none":
+            assert f"<h3>{m['name']} ({m['method']})</h3>" in training
+    assert training.index("Training curves per method") < training.index(f"<h3>{trained[0]} (")

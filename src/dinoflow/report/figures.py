@@ -122,6 +122,50 @@ def training_curves_figure(model: str, curves: Mapping[str, pd.DataFrame], title
     return fig
 
 
+def is_loss_curve(name: str) -> bool:
+    """A loss series of a dvclive log: `loss`, `loss/<term>` (the engine logs `loss/total` and a method's terms as
+    `loss/<term>`), or any name whose first part starts with `loss`."""
+    return name.split("/", 1)[0].lower().startswith("loss")
+
+
+def loss_sort_key(name: str) -> tuple:
+    """The total loss first (`loss` or `loss/total`), then the components in name order."""
+    return (0 if name.lower() in ("loss", "loss/total") else 1, name)
+
+
+def method_curves_figure(curves_by_model: Mapping[str, Mapping[str, pd.DataFrame]],
+                         titles: Mapping[str, str] | None = None, ncols: int = 4) -> Figure:
+    """Training curves per method: one small panel per trained model (in the given order), each with the loss
+    and its components (every logged series that :func:`is_loss_curve` accepts, whatever the method logs) against
+    the step. The total loss is drawn thick, components thin with a legend; a model without a loss series gets
+    an empty panel saying so. `titles`: panel title per model (default: the model name)."""
+    models = list(curves_by_model)
+    ncols = min(ncols, max(1, len(models)))
+    nrows = max(1, math.ceil(len(models) / ncols))
+    fig = new_figure(3.0 * ncols, 2.3 * nrows + 0.5)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax, model in zip(axes.flat, models):
+        curves = curves_by_model[model]
+        names = sorted((n for n in curves if is_loss_curve(n)), key=loss_sort_key)
+        for n in names:
+            total = loss_sort_key(n)[0] == 0
+            ax.plot(curves[n]["step"], curves[n]["value"], lw=1.8 if total else 0.9, label=n,
+                    color="black" if total else None)
+        if not names:
+            ax.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        elif len(names) > 1:
+            ax.legend(fontsize=6, loc="best")
+        ax.set_title((titles or {}).get(model, model), fontsize=8, parse_math=False)
+        ax.set_xlabel("step", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(models):]:
+        ax.set_visible(False)
+    fig.suptitle("training loss per method (and its components)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def finetune_curves_figure(curves_by_model: Mapping[str, Mapping[str, pd.DataFrame]],
                            series: Sequence[str]) -> Figure:
     """The fine-tunes' head and backbone curves overlaid: one panel per series, one line per model."""

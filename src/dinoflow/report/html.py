@@ -260,7 +260,8 @@ def compare_section(compare: Mapping[str, Any], models: Sequence[str], infos: Ma
             e = metrics[name]["per_model"][m]
             cells.append({"text": interval_text(e["value"], e["ci95"]), "best": metrics[name]["best"] == m,
                           "note": e["reason"] or "", "n": e["n_items"]})
-        rows.append({"name": m, "badges": model_badges(infos.get(m), health.get(m)), "cells": cells})
+        rows.append({"name": m, "method": model_method(infos.get(m)), "badges": model_badges(infos.get(m), health.get(m)),
+                     "cells": cells})
     best = [{"text": metrics[n]["best"] or "cannot separate", "separated": metrics[n]["best"] is not None}
             for n in names]
     by_pair: dict[tuple[str, str], dict[str, Mapping]] = {}
@@ -290,7 +291,7 @@ def health_rows(models: Sequence[str], infos: Mapping[str, Any], health: Mapping
     rows = []
     for m in models:
         h, info = health.get(m), infos.get(m) or {}
-        row: dict[str, Any] = {"name": m, "badges": model_badges(infos.get(m), h)}
+        row: dict[str, Any] = {"name": m, "method": model_method(infos.get(m)), "badges": model_badges(infos.get(m), h)}
         if h:
             raw, used = h["cosine_raw"], h["cosine_used"]
             row.update(similarity=h["similarity"], n=h["n"], dim=h["dim"],
@@ -378,8 +379,24 @@ def training_section(params: dict[str, Any], fig_dir: Path) -> tuple[list[dict],
         summary = log_dir / "metrics.json"
         if summary.exists():
             final = [(k, fmt(v, 4)) for k, v in sorted(flatten(read_json(summary)).items())]
-        entries.append({"model": m, "img": figure_uri(fig, fig_dir / f"training_{_slug(m)}.png"), "final": final})
+        entries.append({"model": m, "method": model_config(params, m)["method"], "img": figure_uri(fig, fig_dir / f"training_{_slug(m)}.png"), "final": final})
     return entries, all_curves
+
+
+def model_method(info: Mapping[str, Any] | None) -> str:
+    """The SSL method of a model as its info.json records it (`none` for untrained ones); "–" without info.json."""
+    return str(info["method"]) if info else "–"
+
+
+def method_curves_section(params: dict[str, Any], curves: Mapping[str, Mapping], fig_dir: Path) -> dict[str, Any]:
+    """One figure with a small panel per trained model (title "model · method"): its loss and loss components, so
+    the methods' training can be compared at a glance; written to <fig_dir>/training_by_method.png and inlined."""
+    have = {m: curves[m] for m in model_names(params) if m in curves}
+    if not have:
+        return {"reason": "no trained model has dvclive curves under metrics/train/"}
+    titles = {m: f"{m} · {model_config(params, m)['method']}" for m in have}
+    fig = F.method_curves_figure(have, titles)
+    return {"img": figure_uri(fig, fig_dir / "training_by_method.png"), "models": list(have)}
 
 
 def finetune_section(params: dict[str, Any], curves: Mapping[str, Mapping]) -> dict[str, Any]:
@@ -703,6 +720,7 @@ def build(params: dict[str, Any], fig_dir: str | Path = REPORT_FIGURES_DIR) -> t
     training, curves = training_section(params, fig_dir)
     not_run += [(f"training of {t['model']}", t["reason"]) for t in training if "reason" in t]
     finetune = finetune_section(params, curves)
+    method_curves = method_curves_section(params, curves, fig_dir)
     lr_search = lr_search_section(params, fig_dir)
     if not lr_search["ok"]:
         not_run.append(("learning-rate search", lr_search["reason"]))
@@ -735,6 +753,7 @@ def build(params: dict[str, Any], fig_dir: str | Path = REPORT_FIGURES_DIR) -> t
         "text_quality": text_quality_block(TEXT_METRICS),
         "training": training,
         "finetune": finetune,
+        "method_curves": method_curves,
         "lr_search": lr_search,
         "untrained": [m for m in models if not trains(params, m)],
         "comparison": {"models": [{"name": r["name"], "stand_in": bool(r["info"] and r["info"].get("stand_in")),

@@ -60,7 +60,7 @@ header code { background: #3b5169; color: #fff; }
 <h2>Models and their weights</h2>
 {% if any_stand_in %}<p class="standin">Some models use stand-in weights: read their rows with the label below in mind.</p>{% endif %}
 <table>
-<tr><th>model</th><th>architecture</th><th>init</th><th>LayerScale init</th><th>training</th><th>evaluated network</th><th>trainable</th><th>trainable parameters</th><th>weights</th><th>note</th><th>params hash</th></tr>
+<tr><th>model</th><th>architecture</th><th>init</th><th>LayerScale init</th><th>method</th><th>evaluated network</th><th>trainable</th><th>trainable parameters</th><th>weights</th><th>note</th><th>params hash</th></tr>
 {% for m in models %}
 <tr><td><b>{{ m.name }}</b>{% for b in m.badges %}<span class="badge" title="{{ b.title }}">{{ b.text }}</span>{% endfor %}</td>
 {% if m.info %}
@@ -89,9 +89,9 @@ noise: the embeddings are flagged degenerate. RankMe: effective rank of the raw 
 Collapse: the training's own verdict (teacher entropy, KL, std). Drift: median cosine between each image's embedding
 now and under the initial weights, with its 95% interval.</p>
 <div class="scroll"><table>
-<tr><th>model</th><th>images</th><th>dim</th><th>raw cosine</th><th>used similarity</th><th>RankMe</th><th>embeddings</th><th>training collapse</th><th>drift from initial weights</th></tr>
+<tr><th>model</th><th>method</th><th>images</th><th>dim</th><th>raw cosine</th><th>used similarity</th><th>RankMe</th><th>embeddings</th><th>training collapse</th><th>drift from initial weights</th></tr>
 {% for h in health %}
-<tr><td><b>{{ h.name }}</b>{% for b in h.badges %}<span class="badge" title="{{ b.title }}">{{ b.text }}</span>{% endfor %}</td>
+<tr><td><b>{{ h.name }}</b>{% for b in h.badges %}<span class="badge" title="{{ b.title }}">{{ b.text }}</span>{% endfor %}</td><td>{{ h.method }}</td>
 {% if h.similarity %}
 <td class="num">{{ h.n }}</td><td class="num">{{ h.dim }}</td><td class="num">{{ h.raw }}</td><td class="num">{{ h.used }}</td><td class="num">{{ h.rankme }}</td>
 <td>{% if h.degenerate %}<span class="badge">degenerate</span> {{ h.reason }}{% else %}<span class="ok">healthy</span>{% endif %}</td>
@@ -138,8 +138,11 @@ now and under the initial weights, with its 95% interval.</p>
 
 <section id="training">
 <h2>Training</h2>
+<h3>Training curves per method</h3>
+{% if method_curves.img %}<img src="{{ method_curves.img }}" alt="loss and its components per trained model">
+{% else %}{{ notrun(method_curves.reason) }}{% endif %}
 {% for t in training %}
-<h3>{{ t.model }}</h3>
+<h3>{{ t.model }}{% if t.method %} ({{ t.method }}){% endif %}</h3>
 {% if t.img %}<img src="{{ t.img }}" alt="training curves of {{ t.model }}">
 {% if t.final %}<table><tr><th>metric</th><th>last value</th></tr>{% for k, v in t.final %}<tr><td>{{ k }}</td><td class="num">{{ v }}</td></tr>{% endfor %}</table>{% endif %}
 {% else %}{{ notrun(t.reason) }}{% endif %}
@@ -164,11 +167,11 @@ now and under the initial weights, with its 95% interval.</p>
 where its interval of difference to every other model excludes 0; otherwise the data cannot separate them.
 Red badges: training collapsed or embeddings degenerate (see <a href="#health">health</a>).</p>
 <div class="scroll"><table>
-<tr><th>model</th>{% for n in compare.metrics %}<th title="{{ compare.direction[n] }}">{{ n }}</th>{% endfor %}</tr>
-{% for row in compare.rows %}<tr><th>{{ row.name }}{% for b in row.badges %}<span class="badge" title="{{ b.title }}">{{ b.text }}</span>{% endfor %}</th>
+<tr><th>model</th><th>method</th>{% for n in compare.metrics %}<th title="{{ compare.direction[n] }}">{{ n }}</th>{% endfor %}</tr>
+{% for row in compare.rows %}<tr><th>{{ row.name }}{% for b in row.badges %}<span class="badge" title="{{ b.title }}">{{ b.text }}</span>{% endfor %}</th><td>{{ row.method }}</td>
 {% for c in row.cells %}<td class="num{% if c.best %} best{% endif %}"{% if c.note %} title="{{ c.note }}"{% endif %}>{{ c.text }}{% if c.note %}<br><span class="muted">{{ c.note }}</span>{% endif %}</td>{% endfor %}</tr>
 {% endfor %}
-<tr><th>best</th>{% for b in compare.best %}<td{% if b.separated %} class="best"{% endif %}>{{ b.text }}</td>{% endfor %}</tr>
+<tr><th>best</th><td></td>{% for b in compare.best %}<td{% if b.separated %} class="best"{% endif %}>{{ b.text }}</td>{% endfor %}</tr>
 </table></div>
 <h3>Paired differences</h3>
 <p class="muted">a − b on the same images, [95% interval]; bold where the interval excludes 0. Pairs with the

@@ -415,3 +415,26 @@ def test_training_curves_per_method(report):
         if m["method"] != "none":
             assert f"<h3>{m['name']} ({m['method']})</h3>" in training
     assert training.index("Training curves per method") < training.index(f"<h3>{trained[0]} (")
+
+
+def test_readme_summary_tables_copy_metrics_json(report, capsys):
+    """`python -m dinoflow.report.summary` (the README's results tables) prints exactly the report's values."""
+    from dinoflow.report import summary
+
+    ws, params, page, metrics, parser = report
+    summary.main([str(ws / paths.REPORT_METRICS)])
+    out = capsys.readouterr().out
+    models = list(metrics["models"])
+    for name, metric in metrics["metrics"].items():
+        row = next(line for line in out.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[-1] == (metric["best"] or "cannot separate")
+        for model, cell in zip(models, cells[1:-1]):
+            e = metrics["models"][model]["metrics"][name]
+            if e["value"] is None:
+                assert cell.startswith("n/a")
+            else:
+                assert cell == f"{e['value']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]"
+    for model, entry in metrics["models"].items():
+        line = next(l for l in out.splitlines() if l.startswith(f"| {model}"))
+        assert str(entry["collapse_verdict"] or "-") in line

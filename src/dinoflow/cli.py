@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="stage", metavar="<stage>", required=True)
     for stage in STAGES:
-        p = sub.add_parser(stage.name, help=stage.help, description=stage.help)
+        text = stage.help.replace("%", "%%")  # argparse formats help strings with %-style placeholders
+        p = sub.add_parser(stage.name, help=text, description=text)
         p.add_argument("--params", default=DEFAULT_PARAMS, help="parameter file (default: %(default)s)")
         for flag, kwargs in stage.options:
             p.add_argument(flag, **kwargs)

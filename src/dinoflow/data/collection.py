@@ -544,7 +544,8 @@ def read_metadata(path: str | Path, columns: Mapping[str, str] | None = None, ke
     for label in label_columns:
         if label not in raw.columns:
             raise DinoflowError(f"{path}: label column {label!r} not found (columns found: {', '.join(found)}; "
-                                "see collection.label_columns in params.yaml)")
+                                "see collection.label_columns and collection.group_column in params.yaml: "
+                                "group_column: null finds near-duplicate groups from the images instead)")
 
     n = len(raw)
     df = pd.DataFrame(index=pd.RangeIndex(n))

@@ -126,6 +126,19 @@ def test_undefined_models_are_null_with_reason_and_left_out_of_pairs():
     json.dumps(entry, allow_nan=False)
 
 
+def test_zero_width_interval_is_explained_not_shown_as_certainty():
+    rng = np.random.default_rng(0)
+    perfect = np.ones((1, 11))  # every one of 11 test images correct
+    mixed = (rng.random((1, 11)) < 0.5).astype(float)
+    values = np.concatenate([perfect, mixed])
+    boot = bootstrap_means(values, Resampler(11), 200, rng)
+    entry = summarise_metric(["perfect", "mixed"], dict(zip(["perfect", "mixed"], values.mean(axis=1))),
+                             {"perfect": boot[:, 0], "mixed": boot[:, 1]}, {"perfect": 11, "mixed": 11}, {})
+    assert entry["per_model"]["perfect"]["ci95"] == [1.0, 1.0]
+    assert entry["per_model"]["perfect"]["reason"].startswith("zero-width interval: every resample of the 11 items")
+    assert entry["per_model"]["mixed"]["reason"] is None
+
+
 # ------------------------------------------------------------------------------------------- the stage
 
 

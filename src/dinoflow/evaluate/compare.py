@@ -120,6 +120,13 @@ def summarise_metric(models: list[str], values: dict[str, float | None], stats: 
                         "ci95": percentile_interval(stats[m]) if ok and m in stats else None,
                         "n_items": int(n_items.get(m, 0)),
                         "reason": None if ok else (reasons.get(m) or "no value")}
+        ci = per_model[m]["ci95"]
+        if ci is not None and ci[0] == ci[1]:
+            # e.g. every one of 11 test images classified correctly: no resample can differ, and a zero-width
+            # interval would read as certainty. Say why instead (the exact 95% lower bound for 11 of 11 is 0.72).
+            per_model[m]["reason"] = (f"zero-width interval: every resample of the {per_model[m]['n_items']} items "
+                                      "gives the same value, so resampling cannot show its uncertainty "
+                                      "(too few or too uniform items)")
     have = [m for m in models if per_model[m]["value"] is not None]
     pairs = []
     for ia, a in enumerate(have):

@@ -85,13 +85,13 @@ def test_embed_writes_schema_and_known_values(embedded):
 
 @pytest.mark.slow
 def test_evaluation_stages_through_the_cli(embedded, monkeypatch):
-    """embed (fixture) -> neighbours, embed-text, align, probes via `dinoflow <stage>`; outputs agree by id."""
+    """embed (fixture) -> neighbours, embed-text, align, groups, probes via `dinoflow <stage>`; outputs agree by id."""
     from dinoflow.cli import main as cli
     from dinoflow.utils import read_json
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for argv in (["neighbours", "--model", "random"], ["embed-text"], ["align", "--model", "random"],
-                 ["probes", "--model", "random"]):
+                 ["groups"], ["probes", "--model", "random"]):
         assert cli(argv) == 0, argv
     ids, _ = read_embeddings(paths.embeddings("random"))
     nb = pq.read_table(paths.neighbours("random")).to_pandas()

@@ -179,7 +179,7 @@ def test_compare_main_end_to_end(tmp_path, monkeypatch):
     text = Path(paths.COMPARE_METRICS).read_text()
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict token {c}")) == result
     assert result["resampling"] == {
-        "method": "bootstrap over images, near-duplicate groups (paths.GROUPS) resampled whole", "unit": "group",
+        "method": f"bootstrap over images, near-duplicate groups ({paths.GROUPS}) resampled whole", "unit": "group",
         "n_resamples": 200, "seed": 0, "level": 0.95, "spearman_pairs_per_resample": 400}
     metrics = result["metrics"]
     assert set(metrics) == {"knn_top1/kind", "knn_top5/kind", "linear_top1/kind", "linear_top5/kind",

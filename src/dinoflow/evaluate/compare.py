@@ -389,8 +389,9 @@ def main(params: dict[str, Any], **_: Any) -> dict[str, Any]:
             mutual[metric] = summarise_metric(models, {m: None for m in models}, {}, {}, reasons)
     metrics.update(mutual)
     unit = cfg["resample_unit"]
-    result = {"resampling": {"method": "bootstrap over images" if unit == "image" else
-                             "bootstrap over images, near-duplicate groups (paths.GROUPS) resampled whole",
+    method = ("bootstrap over images" if unit == "image" else
+              f"bootstrap over images, near-duplicate groups ({paths.GROUPS}) resampled whole")
+    result = {"resampling": {"method": method,
                              "unit": unit, "n_resamples": int(cfg["n_resamples"]), "seed": seed, "level": LEVEL,
                              "spearman_pairs_per_resample": int(cfg["n_pairs"])},
               "metrics": dict(sorted(metrics.items()))}

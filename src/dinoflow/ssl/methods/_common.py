@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinoflow.errors import DinoflowError
+from dinoflow.ssl.heads import cancel_last_layer_gradients
 from dinoflow.train.distributed import all_gather_with_grad, is_distributed
+from dinoflow.train.schedules import teacher_temp_schedule
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:
@@ -102,3 +104,24 @@ def check_momentum(name: str, momentum: float, momentum_end: float) -> None:
     for key, v in (("momentum", momentum), ("momentum_end", momentum_end)):
         if not 0.0 <= v <= 1.0:
             raise DinoflowError(f"methods.{name}.{key}: must be in [0, 1], got {v!r}")
+
+
+class DINOTeacherMixin:
+    """What DINO v1 and DINOv2 share about their EMA teacher (Caron et al. 2021; Oquab et al. 2023): the student
+    backbone + head are averaged into the teacher's, the teacher temperature warms up, the teacher backbone is the
+    exported network, and the head's last layer is frozen for `freeze_last_layer_epochs`. Mix in before SSLMethod;
+    expects `backbone`, `head`, `teacher_backbone`, `teacher_head` and a `cfg` with the DINO temperature fields."""
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
+
+    def schedules(self, epochs, steps_per_epoch):
+        c = self.cfg
+        return {"teacher/temp": teacher_temp_schedule(c.warmup_teacher_temp, c.teacher_temp,
+                                                      c.warmup_teacher_temp_epochs, epochs, steps_per_epoch)}
+
+    def exported_backbone(self):
+        return self.teacher_backbone
+
+    def after_backward(self, ctx) -> None:
+        cancel_last_layer_gradients(self.head, ctx.epoch, self.cfg.freeze_last_layer_epochs)

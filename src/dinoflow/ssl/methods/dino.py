@@ -10,18 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from dinoflow.errors import DinoflowError
-from dinoflow.ssl.heads import DINOHead, cancel_last_layer_gradients
+from dinoflow.ssl.heads import DINOHead
 from dinoflow.ssl.losses import DINOLoss
-from dinoflow.ssl.methods._common import check_momentum, check_positive
+from dinoflow.ssl.methods._common import DINOTeacherMixin, check_momentum, check_positive
 from dinoflow.ssl.methods.base import MultiCropViews, SSLMethod, make_teacher, register
-from dinoflow.train.schedules import teacher_temp_schedule
 
 
 @register
-class DINO(SSLMethod):
+class DINO(DINOTeacherMixin, SSLMethod):
     name = "dino"
     family = "distillation"
     evaluated_network = "teacher"
@@ -61,20 +59,6 @@ class DINO(SSLMethod):
 
     def view_maker(self):
         return MultiCropViews(self.setup.views)
-
-    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
-
-    def schedules(self, epochs, steps_per_epoch):
-        c = self.cfg
-        return {"teacher/temp": teacher_temp_schedule(c.warmup_teacher_temp, c.teacher_temp,
-                                                      c.warmup_teacher_temp_epochs, epochs, steps_per_epoch)}
-
-    def exported_backbone(self):
-        return self.teacher_backbone
-
-    def after_backward(self, ctx) -> None:
-        cancel_last_layer_gradients(self.head, ctx.epoch, self.cfg.freeze_last_layer_epochs)
 
     def training_step(self, batch, ctx):
         n_global = 2

@@ -25,14 +25,13 @@ import torch
 from torch import nn
 
 from dinoflow.errors import DinoflowError
-from dinoflow.ssl.heads import DINOHead, cancel_last_layer_gradients
+from dinoflow.ssl.heads import DINOHead
 from dinoflow.ssl.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinoflow.ssl.losses.dino import CENTERING_MODES
 from dinoflow.ssl.masking import MaskingGenerator, check_mask_params, sample_masks
-from dinoflow.ssl.methods._common import check_momentum, check_positive
+from dinoflow.ssl.methods._common import DINOTeacherMixin, check_momentum, check_positive
 from dinoflow.ssl.methods.base import MultiCropViews, SSLMethod, make_teacher, register
 from dinoflow.train.distributed import all_gather_with_grad
-from dinoflow.train.schedules import teacher_temp_schedule
 
 N_GLOBAL = 2
 
@@ -56,7 +55,7 @@ def head_logits(backbone, head: nn.Module, global_crops: torch.Tensor, local_cro
 
 
 @register
-class DINOv2(SSLMethod):
+class DINOv2(DINOTeacherMixin, SSLMethod):
     name = "dinov2"
     family = "distillation"
     evaluated_network = "teacher"
@@ -129,21 +128,6 @@ class DINOv2(SSLMethod):
         masks = sample_masks(N_GLOBAL * n_global, self.mask_generator, self.cfg.mask_ratio,
                              self.cfg.mask_probability, rng)["masks"]
         return {"masks": masks.reshape(N_GLOBAL, n_global, -1).transpose(0, 1).contiguous()}
-
-    # -- EMA, schedules, export
-    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
-
-    def schedules(self, epochs, steps_per_epoch):
-        c = self.cfg
-        return {"teacher/temp": teacher_temp_schedule(c.warmup_teacher_temp, c.teacher_temp,
-                                                      c.warmup_teacher_temp_epochs, epochs, steps_per_epoch)}
-
-    def exported_backbone(self):
-        return self.teacher_backbone
-
-    def after_backward(self, ctx) -> None:
-        cancel_last_layer_gradients(self.head, ctx.epoch, self.cfg.freeze_last_layer_epochs)
 
     # -- the step
     def training_step(self, batch, ctx):

@@ -149,6 +149,49 @@ def lr_search_method(params: dict[str, Any]) -> str | None:
     return None
 
 
+def lr_search_model(params: dict[str, Any]) -> str:
+    """The model whose entry the lr search builds its trial networks from: the first model of the list trained
+    from random weights with the searched method, else the first with `init: random` (its architecture is
+    `backbone`). Raises DinoflowError when no model has `init: random`."""
+    method = lr_search_method(params)
+    for m in params["models"]:
+        if m["init"] == "random" and m["method"] == method:
+            return m["name"]
+    for m in params["models"]:
+        if m["init"] == "random":
+            return m["name"]
+    raise DinoflowError("models: the lr search needs a model with init: random (its architecture is `backbone`)")
+
+
+# The params.yaml values `dinoflow lr-search` reads besides the model entries and its method's section: whole
+# sections, or single keys by their dotted path. Not `probes.linear_*` / `cv_folds` (the lr search runs no linear
+# probe) and not the rest of `collection` (the images arrive as files; only the first label column is read).
+LR_SEARCH_KEYS = ("seed", "backbone", "train", "lr_search", "collection.label_columns", "probes.knn_k",
+                  "probes.knn_temperature", "probes.test_fraction")
+
+
+def lr_search_reads(params: dict[str, Any]) -> dict[str, Any]:
+    """THE params.yaml values the lr search (`dinoflow.train.lr_search`) reads, keyed by dotted path (DVC params
+    keys): `LR_SEARCH_KEYS`, the entry `models.<i>` of `lr_search_model` (without `lr_search.method` it also
+    gives the searched method; an edit that makes another entry the first one changes the key) and the searched
+    method's `methods.<name>` section when params.yaml has one. Snakemake's rule `lr_search` and the generated
+    dvc.yaml track exactly these, so editing anything else (e.g. `probes.linear_c_grid`) does not re-run the search
+    nor, through its output, scratch training. A key absent from params (schema default) has value None."""
+    out: dict[str, Any] = {}
+    for key in LR_SEARCH_KEYS:
+        node: Any = params
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out[key] = node
+    i = model_names(params).index(lr_search_model(params))
+    out[f"models.{i}"] = params["models"][i]
+    method = lr_search_method(params)
+    sections = params.get("methods") or {}
+    if method in sections:
+        out[f"methods.{method}"] = sections[method]
+    return out
+
+
 def uses_lr_search(params: dict[str, Any], name: str) -> bool:
     """THE answer to "does this model take its lr (and weight decay) from the lr search?" (training, Snakemake
     and the report all ask here).

@@ -73,6 +73,28 @@ def run(cmd: list[str], ws: Path, timeout: int = 600) -> subprocess.CompletedPro
     return proc
 
 
+def dry_run(ws: Path, targets: list[str] = ()) -> set[tuple[str, str | None]]:
+    """The (rule, model) jobs `snakemake -n` schedules in `ws` (from its job listing; target rules such as `all`
+    left out)."""
+    import re
+
+    out = run([str(BIN / "snakemake"), "-n", "--cores", "1", "--nolock", *targets], ws).stdout
+    scheduled, current = set(), None
+    for line in out.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):", line)
+        if m:
+            if current:
+                scheduled.add(current)
+            current = (m.group(1), None)
+            continue
+        m = re.match(r"^\s+wildcards: .*\bmodel=([^,\s]+)", line)
+        if m and current:
+            current = (current[0], m.group(1))
+    if current:
+        scheduled.add(current)
+    return {j for j in scheduled if j[0] != "all"}
+
+
 def snakemake(ws: Path, targets: list[str], *extra: str, specs=None) -> set[tuple[str, str | None]]:
     """Run snakemake on `targets` in `ws`; returns the (rule, model) jobs that ran (`specs`: jobs(ws), cached)."""
     specs = specs or jobs(ws)
@@ -129,9 +151,19 @@ def downstream(specs, start: set[tuple[str, str | None]]) -> set[tuple[str, str 
     return result
 
 
-def readers(specs, section: str) -> set[tuple[str, str | None]]:
-    """Jobs whose rule declares `section` as a params entry."""
-    return {job_key(s) for s in specs if section in s.params}
+def readers(specs, section: str, key: str | None = None) -> set[tuple[str, str | None]]:
+    """Jobs whose rule declares `section` as a params entry, or a dotted key that covers `section.key`
+    (`probes.knn_k`; without `key`: any key of the section)."""
+    full = f"{section}.{key}" if key is not None else None
+
+    def reads(declared: list[str]) -> bool:
+        if section in declared:
+            return True
+        if full is None:
+            return any(p.startswith(f"{section}.") for p in declared)
+        return any(full == p or full.startswith(f"{p}.") for p in declared)
+
+    return {job_key(s) for s in specs if reads(s.params)}
 
 
 def have_stage(*modules: str) -> bool:

@@ -37,7 +37,7 @@ def test_snakemake_reruns_exactly_the_readers(ws):
     for section, key, value in EDITS:
         edit_params(ws, section, key, value)
         # Snakemake re-runs on mtime: what reads the section, and everything downstream of it.
-        expected = downstream(specs, readers(specs, section)) & data_jobs
+        expected = downstream(specs, readers(specs, section, key)) & data_jobs
         assert snakemake(ws, target, specs=specs) == expected, f"after editing {section}.{key}"
     assert snakemake(ws, target, specs=specs) == set(), "second run after the edits"
     assert {job for s, _, _ in EDITS for job in readers(specs, s)} & data_jobs == {INGEST, PREPROCESS}
@@ -54,7 +54,7 @@ def test_dvc_reruns_exactly_the_readers(ws):
         edit_params(ws, section, key, value)
         ran = dvc_repro(ws, [stage], specs=specs)
         # DVC compares content: the readers re-run; what depends on them only when their outputs changed.
-        direct = readers(specs, section) & data_jobs
+        direct = readers(specs, section, key) & data_jobs
         assert direct <= ran <= downstream(specs, direct) & data_jobs, f"after editing {section}.{key}: {ran}"
     assert dvc_repro(ws, [stage], specs=specs) == set(), "second run after the edits"
 

@@ -46,7 +46,7 @@ def test_whole_dag_snakemake_then_dvc(ws):
     for section, key, value in SNAKEMAKE_EDITS:
         edit_params(ws, section, key, value)
         ran = snakemake(ws, [], specs=specs)
-        assert ran == downstream(specs, readers(specs, section)), f"after editing {section}.{key}: {sorted(ran)}"
+        assert ran == downstream(specs, readers(specs, section, key)), f"after editing {section}.{key}: {sorted(ran)}"
     assert snakemake(ws, [], specs=specs) == set()
 
     # `snakemake --report` gathers the outputs marked with report(...) (grids, attention, figures, the page).
@@ -67,7 +67,7 @@ def test_whole_dag_snakemake_then_dvc(ws):
     assert dvc_repro(ws, [], specs=specs) == set(), "dvc repro after snakemake must do nothing"
     for section, key, value in DVC_EDITS:
         edit_params(ws, section, key, value)
-        direct = readers(specs, section)
+        direct = readers(specs, section, key)
         ran = dvc_repro(ws, [], specs=specs)
         # DVC compares content: what depends on the readers re-runs only where their outputs changed.
         assert direct <= ran <= downstream(specs, direct), f"dvc after editing {section}.{key}: {sorted(ran)}"

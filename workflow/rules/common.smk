@@ -46,6 +46,23 @@ def sections(*names):
     return {name: config.get(name) for name in names}
 
 
+def dotted_params(values):
+    """`params:` entries from {params.yaml path: value} (e.g. `dinoflow.config.lr_search_reads`): a whole section
+    under its own name; keys inside a section gathered in one entry named after the section, keyed by their dotted
+    path (`probes={"probes.knn_k": 20, ...}`), which export-dvc turns into those DVC params keys. Snakemake re-runs
+    the rule when one of these values changes, and only then."""
+    out = {}
+    for key, value in values.items():
+        section, _, rest = key.partition(".")
+        if rest:
+            if section in values:
+                raise WorkflowError(f"params entry {key!r}: its section {section!r} is tracked whole already")
+            out.setdefault(section, {})[key] = value
+        else:
+            out[key] = value
+    return out
+
+
 def model_entry(wildcards):
     """A model's own entry of the `models` list (so adding a model does not re-run the others in Snakemake)."""
     return model_config(config, wildcards.model)

@@ -43,8 +43,8 @@ if any(uses_lr_search(m) for m in MODELS):
             trials=plot(paths.LR_SEARCH_TRIALS),
             figure=report(plot(paths.LR_SEARCH_PLOT), caption="../report/lr_search.rst", category="Training"),
         params:
-            **sections("seed", "collection", "models", "backbone", "train", "lr_search", "probes"),
-            methods=method_section(dinoflow_config.lr_search_method(config)),
+            # exactly what the search reads (not e.g. probes.linear_c_grid): dinoflow.config.lr_search_reads
+            **dotted_params(dinoflow_config.lr_search_reads(config)),
         log:
             f"{LOG}/lr_search.log",
         conda:

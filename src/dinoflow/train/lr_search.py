@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from dinoflow import paths
-from dinoflow.config import lr_search_method
+from dinoflow.config import lr_search_method, lr_search_model
 from dinoflow.errors import DinoflowError
 from dinoflow.ssl.methods.base import get_method
 from dinoflow.train.config import TrainConfig
@@ -39,18 +39,6 @@ from dinoflow.utils import get_logger, seed_everything, write_json
 log = get_logger(__name__)
 
 N_BOOTSTRAP = 200
-
-
-def _scratch_model(params: dict[str, Any]) -> str:
-    """A model of the list trained from random weights with the searched method (its entry gives `trainable`)."""
-    method = lr_search_method(params)
-    for m in params["models"]:
-        if m["init"] == "random" and m["method"] == method:
-            return m["name"]
-    for m in params["models"]:
-        if m["init"] == "random":
-            return m["name"]
-    raise DinoflowError("models: the lr search needs a model with init: random (its architecture is `backbone`)")
 
 
 class Subset:
@@ -198,7 +186,7 @@ def run_trial(params: dict[str, Any], images: Any, lr: float, weight_decay: floa
 
     spec = trial_spec(params, lr, weight_decay, teacher_temp)
     seed_everything(spec.seed)  # every trial starts from the same weights and sees the same data
-    encoder, _ = create_encoder(params, _scratch_model(params))
+    encoder, _ = create_encoder(params, lr_search_model(params))
     engine = make_engine(spec, encoder, images)
     losses: list[float] = []
     steps = engine.steps(0, int(params["lr_search"]["max_steps"]))

@@ -139,6 +139,38 @@ def test_zero_width_interval_is_explained_not_shown_as_certainty():
     assert entry["per_model"]["mixed"]["reason"] is None
 
 
+@pytest.mark.parametrize("n, groups, note", [
+    (100, 30, None), (100, None, None), (5000, 400, None),
+    (99, 30, "few images: 99 images (< 100) in 30 groups; read the number and its interval as rough"),
+    (100, 29, "few images: 100 images in 29 groups (< 30); read the number and its interval as rough"),
+    (1, None, "few images: 1 image (< 100); read the number and its interval as rough"),
+])
+def test_small_sample_note_on_both_sides_of_the_thresholds(n, groups, note):
+    from dinoflow.evaluate.sample_size import MIN_GROUPS, MIN_IMAGES, small_sample_note
+
+    assert (MIN_IMAGES, MIN_GROUPS) == (100, 30)
+    assert small_sample_note(n, groups) == note
+
+
+def test_metric_entry_carries_the_small_sample_note():
+    rng = np.random.default_rng(0)
+
+    def entry(n, n_groups):
+        values = (rng.random((2, n)) < [[0.8], [0.4]]).astype(float)
+        boot = bootstrap_means(values, Resampler(n), 100, rng)
+        return summarise_metric(["a", "b"], dict(zip("ab", values.mean(axis=1))), {"a": boot[:, 0], "b": boot[:, 1]},
+                                {"a": n, "b": n}, {}, n_groups=n_groups)
+
+    few = entry(99, 40)
+    assert few["small_sample"].startswith("few images: 99 images (< 100) in 40 groups") and few["n_groups"] == 40
+    assert entry(100, 40)["small_sample"] is None
+    assert "29 groups (< 30)" in entry(150, 29)["small_sample"]
+    assert entry(100, None)["small_sample"] is None and entry(100, None)["n_groups"] is None
+    undefined = summarise_metric(["a"], {"a": None}, {}, {}, {"a": "degenerate"})
+    assert undefined["small_sample"] is None  # no value, nothing to qualify
+    json.dumps(few, allow_nan=False)
+
+
 # ------------------------------------------------------------------------------------------- the stage
 
 
@@ -169,13 +201,14 @@ def _workspace(n=60, seed=0):
             "compare": {"n_resamples": 200, "n_pairs": 400, "resample_unit": "group"}}
 
 
-def test_compare_main_end_to_end(tmp_path, monkeypatch):
+def test_compare_main_end_to_end(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     params = _workspace()
     for m in ("seeing", "weak", "random"):
         probes.main(params, model=m)
         align.main(params, model=m)
-    result = compare.main(params)
+    with caplog.at_level("WARNING", logger="dinoflow.evaluate.compare"):
+        result = compare.main(params)
     text = Path(paths.COMPARE_METRICS).read_text()
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict token {c}")) == result
     assert result["resampling"] == {
@@ -190,6 +223,10 @@ def test_compare_main_end_to_end(tmp_path, monkeypatch):
     lo, hi = sp["per_model"]["seeing"]["ci95"]
     assert lo < truth["spearman"] < hi
     assert sp["best"] == "seeing" and len(sp["pairs"]) == 3
+    # 60 images in 30 groups of 2: few images, enough groups; the stage warns naming the metric and the counts
+    assert sp["n_groups"] == 30 and sp["small_sample"].startswith("few images: 60 images (< 100) in 30 groups;")
+    assert f"spearman/caption: {sp['small_sample']}" in caplog.text
+    assert f"knn_top1/kind: {metrics['knn_top1/kind']['small_sample']}" in caplog.text
     assert {(p["a"], p["b"]) for p in sp["pairs"]} == {("seeing", "weak"), ("seeing", "random"), ("weak", "random")}
     knn = metrics["knn_top1/kind"]
     stored = json.loads(Path(paths.probe_metrics("random")).read_text())["columns"]["kind"]["knn"]["top1"]

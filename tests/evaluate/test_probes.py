@@ -152,7 +152,7 @@ def test_linear_probe_separable_and_scores_are_probabilities():
     assert np.isneginf(s[:, 3]).all()
 
 
-def test_main_writes_probe_metrics_and_items(tmp_path, monkeypatch):
+def test_main_writes_probe_metrics_and_items(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(2)
     n = 60
@@ -168,10 +168,14 @@ def test_main_writes_probe_metrics_and_items(tmp_path, monkeypatch):
     params = {"seed": 0, "collection": {"label_columns": ["group", "sub"]},
               "probes": {"test_fraction": 0.3, "knn_k": 5, "knn_temperature": 0.07, "linear_max_iter": 500,
                          "linear_c_grid": [0.1, 1.0], "cv_folds": 3}}
-    probes.main(params, model="m")
+    with caplog.at_level("WARNING", logger="dinoflow"):
+        probes.main(params, model="m")
     out = read_json(paths.probe_metrics("m"))
     g = out["columns"]["group"]
     assert g["classes"] == ["a", "b", "c"] and g["n_test"] == 18 and g["n_train"] == 42
+    # 18 test images in 9 groups: below sample_size.MIN_IMAGES / MIN_GROUPS, so a warning names column and counts
+    assert g["n_test_groups"] == 9
+    assert "m / group: probe test split: few images: 18 images (< 100) in 9 groups (< 30)" in caplog.text
     assert g["knn"]["top1"] > 0.8 and g["linear"]["top1"] > 0.8 and g["knn"]["top5"] == 1.0
     assert g["linear"]["C"] in (0.1, 1.0) and len(g["linear"]["cv_top1"]) == 2 and g["linear"]["cv_folds"] == 3
     assert np.array(g["knn"]["confusion"]).sum() == 18

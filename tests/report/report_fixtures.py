@@ -26,6 +26,7 @@ from dinoflow.data.synthetic import make_tiny_collection
 from dinoflow.evaluate.neighbours import neighbours_table
 from dinoflow.models.factory import create_encoder, save_encoder
 from dinoflow.evaluate.health import HealthConfig, embedding_health
+from dinoflow.evaluate.sample_size import MIN_GROUPS, MIN_IMAGES, small_sample_note
 from dinoflow.utils import read_json, write_json
 
 HOSTILE_CAPTION = '<script>alert(1)</script> & "quoted" $x^2$'
@@ -89,7 +90,10 @@ def probe_values(model_index: int, classes: dict[str, list[str]]) -> dict:
     for j, (label, cls) in enumerate(classes.items()):
         n = len(cls)
         cm = (np.eye(n, dtype=int) * (2 + model_index) + 1).tolist()
-        out[label] = {"classes": cls, "n_classes": n, "n_train": 17, "n_test": 7, "chance_top1": 0.2857,
+        # the first label's test split is small (flagged), the second's is large enough (not flagged)
+        n_test, n_groups = (7, 5) if j == 0 else (MIN_IMAGES, MIN_GROUPS)
+        out[label] = {"classes": cls, "n_classes": n, "n_train": 17, "n_test": n_test, "n_test_groups": n_groups,
+                      "chance_top1": 0.2857,
                       "knn": {"top1": 0.25 + 0.1 * model_index + 0.01 * j, "top5": 0.9, "confusion": cm, "k": 5,
                               "temperature": 0.07},
                       "linear": {"top1": 0.2 + 0.11 * model_index, "top5": 0.95 - 0.01 * model_index,
@@ -140,14 +144,19 @@ def compare_metric_names(classes: dict[str, list[str]]) -> list[str]:
     return names + [f"{s}/{f}" for f in ("caption", "keywords") for s in ("spearman", "mutual_knn")]
 
 
+LARGE_METRIC = "spearman/caption"  # rests on enough images and groups: no small-sample note
+
+
 def compare_values(models: list[str], classes: dict[str, list[str]]) -> dict:
     """metrics/compare.json (contract 4). Values grow with the model's position, so the last model leads;
     only `linear_top1/<first label>` separates it (its intervals of difference exclude 0), every other metric
-    cannot separate the models. `random` has no value on `mutual_knn/keywords` (a reason instead)."""
+    cannot separate the models. `random` has no value on `mutual_knn/keywords` (a reason instead). Every metric
+    rests on 7 images in 5 groups (flagged `small_sample`) but `LARGE_METRIC` (MIN_IMAGES in MIN_GROUPS)."""
     metrics = {}
     names = compare_metric_names(classes)
     for j, name in enumerate(names):
         separable = j == names.index(f"linear_top1/{next(iter(classes))}")
+        n_items, n_groups = (MIN_IMAGES, MIN_GROUPS) if name == LARGE_METRIC else (7, 5)
         per_model = {}
         for i, m in enumerate(models):
             v = round(0.3 + 0.1 * i + 0.001 * j, 6)
@@ -155,7 +164,7 @@ def compare_values(models: list[str], classes: dict[str, list[str]]) -> dict:
                 per_model[m] = {"value": None, "ci95": None, "n_items": 0,
                                 "reason": "no image of this model has keywords"}
             else:
-                per_model[m] = {"value": v, "ci95": [round(v - 0.05, 6), round(v + 0.05, 6)], "n_items": 7,
+                per_model[m] = {"value": v, "ci95": [round(v - 0.05, 6), round(v + 0.05, 6)], "n_items": n_items,
                                 "reason": None}
         pairs = []
         for a in range(len(models)):
@@ -172,7 +181,7 @@ def compare_values(models: list[str], classes: dict[str, list[str]]) -> dict:
         verdict = (f"{best} best; lead over every other model excludes 0" if best
                    else f"the data cannot separate {', '.join(models)}")
         metrics[name] = {"higher_is_better": True, "per_model": per_model, "pairs": pairs, "best": best,
-                         "verdict": verdict}
+                         "verdict": verdict, "n_groups": n_groups, "small_sample": small_sample_note(n_items, n_groups)}
     return {"resampling": {"method": "bootstrap over images", "n_resamples": 200, "seed": 0, "level": 0.95},
             "metrics": metrics}
 

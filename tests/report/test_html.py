@@ -126,7 +126,9 @@ def test_compare_table_renders_compare_json(report):
         assert table[m + badge.get(m, "")][0] == methods[m]
         for j, name in enumerate(names):
             e = compare["metrics"][name]["per_model"][m]
-            assert table[m + badge.get(m, "")][j + 1] == _interval(e["value"], e["ci95"]) + (e["reason"] or "")
+            few = compare["metrics"][name]["small_sample"] if e["value"] is not None else None
+            assert table[m + badge.get(m, "")][j + 1] == \
+                _interval(e["value"], e["ci95"]) + (e["reason"] or "") + (few or "")
     # the best model only where compare.json names one; "cannot separate" elsewhere
     assert table["best"][0] == ""
     for j, name in enumerate(names):
@@ -240,7 +242,7 @@ def test_metrics_json_holds_the_exact_values(report):
         assert metrics["resampling"] == compare["resampling"]
         for name, metric in compare["metrics"].items():
             assert metrics["metrics"][name] == {"best": metric["best"], "verdict": metric["verdict"],
-                                                "higher_is_better": True}
+                                                "higher_is_better": True, "small_sample": metric["small_sample"]}
         for m in models:
             got = metrics["models"][m]
             details = got["details"]
@@ -438,3 +440,116 @@ def test_readme_summary_tables_copy_metrics_json(report, capsys):
     for model, entry in metrics["models"].items():
         line = next(l for l in out.splitlines() if l.startswith(f"| {model}"))
         assert str(entry["collapse_verdict"] or "-") in line
+
+
+# ------------------------------------------------------------------------------------ the summary at the top
+def _summary(parser) -> dict[str, str]:
+    """{metric: answer} of the summary's table (the metric cell holds "name (higher is better)")."""
+    rows = parser.section_tables["summary"][0]
+    assert rows[0] == ["metric", "answer"]
+    return {r[0].split(" (")[0]: r[1] for r in rows[1:]}
+
+
+def test_summary_comes_first_and_names_only_a_separable_winner(report):
+    ws, params, page, _, parser = report
+    models = model_names(params)
+    first_label = params["collection"]["label_columns"][0]
+    assert page.index('<section id="summary">') < page.index('<section id="models">')  # the top of the page
+    summary = _summary(parser)
+    with chdir(ws):
+        compare = read_json(paths.COMPARE_METRICS)["metrics"]
+    # headline metrics only (top-1 probes, Spearman, mutual kNN); top-5 stays in the comparison table
+    assert set(summary) == {n for n in compare if not n.split("/")[0].endswith("top5")}
+    winner, runner = models[-1], models[-2]
+    sep = compare[f"linear_top1/{first_label}"]
+    pair = next(p for p in sep["pairs"] if {p["a"], p["b"]} == {winner, runner})
+    sign = 1 if pair["a"] == winner else -1
+    lo, hi = sorted(sign * c for c in pair["ci95"])
+    assert summary[f"linear_top1/{first_label}"].startswith(
+        f"{winner} is best; its lead over {runner}, {sign * pair['diff']:.3f} [{lo:.3f}, {hi:.3f}], excludes 0")
+    # nowhere else is a model named best: the data cannot separate them, with the leader's interval
+    for name, text in summary.items():
+        if name == f"linear_top1/{first_label}":
+            continue
+        assert compare[name]["best"] is None and " is best" not in text
+        assert text.startswith(f"the data cannot separate {winner}, "), text
+        assert f"{winner} − {runner} = " in text and "does not exclude 0" in text
+    assert "(random: undefined)" in summary["mutual_knn/keywords"]
+    cell = [r for r in parser.section_tables["summary"][0] if r[0].startswith(f"linear_top1/{first_label}")][0]
+    assert 'class="best"' in page.split('id="summary"')[1].split("</table>")[0]
+    assert cell[1].endswith(compare[f"linear_top1/{first_label}"]["small_sample"])  # 7 test images: flagged
+
+
+def test_summary_inseparable_pair():
+    """The leader and a model whose difference's interval straddles 0 are reported as inseparable, with that
+    interval; a model both are separated from is not listed."""
+    models = ["low", "b", "a"]
+    values = {"low": 0.2, "b": 0.58, "a": 0.61}
+    pairs = []
+    for i, x in enumerate(models):
+        for y in models[i + 1:]:
+            d = values[x] - values[y]
+            straddles = {x, y} == {"a", "b"}
+            pairs.append({"a": x, "b": y, "diff": d, "ci95": [d - 0.05, d + 0.05] if straddles else [d - 0.01, d + 0.01],
+                          "separable": not straddles})
+    metric = {"higher_is_better": True, "best": None, "verdict": "the data cannot separate a, b", "n_groups": 40,
+              "small_sample": None, "pairs": pairs,
+              "per_model": {m: {"value": v, "ci95": [v - 0.1, v + 0.1], "n_items": 150, "reason": None}
+                            for m, v in values.items()}}
+    line = report_html.metric_summary("knn_top1/x", metric, models)
+    d = 0.61 - 0.58  # a − b, flipped from the stored pair b − a
+    assert line["best"] is None and line["few"] is None
+    assert line["text"] == (f"the data cannot separate a, b: a − b = {d:.3f} [{d - 0.05:.3f}, {d + 0.05:.3f}], "
+                            "an interval that does not exclude 0")
+    metric["higher_is_better"] = False  # now `low` leads, separated from both: compare.json would name it
+    metric["best"] = "low"
+    line = report_html.metric_summary("knn_top1/x", metric, models)
+    assert line["text"] == "low is best; its lead over b, -0.380 [-0.390, -0.370], excludes 0"
+
+
+def test_summary_says_how_models_were_trained_and_flags_collapse(report):
+    from html import escape
+
+    ws, params, page, _, parser = report
+    block = page.split('<section id="summary">')[1].split("</section>")[0]
+    with chdir(ws):
+        infos = {m: read_json(paths.model_info(m)) for m in model_names(params)}
+    text = " ".join(parser.text)
+    for m, info in infos.items():
+        how = "untrained" if info["method"] == "none" else f"trained with {info['method']}"
+        assert (f"{how}, init {info['init']} ({info['arch']}), trainable {info['trainable']}, evaluated network: "
+                f"{info['evaluated_network'] or 'the backbone as initialised'}") in text
+    assert infos["pretrained"]["stand_in_label"] in block  # the stand-in label next to the model
+    assert "Read these models with care" in block
+    flagged = [r for r in block.split("<li>") if "class=\"badge\"" in r]
+    assert any(r.startswith("<b>scratch</b>") and "uniform collapse" in r and
+               escape(infos["scratch"]["collapse"]["reason"]) in r for r in flagged)
+    assert any(r.startswith("<b>random</b>") and "degenerate embeddings" in r for r in flagged)
+    assert not any(r.startswith(("<b>ft_last1</b>", "<b>pretrained</b>")) for r in flagged)  # healthy ones
+
+
+def test_small_samples_are_flagged_next_to_the_number(report):
+    """The comparison and probe tables say when a number rests on fewer than MIN_IMAGES images / MIN_GROUPS
+    groups (compare.json `small_sample`; probes: n_test, n_test_groups), and stay silent at the thresholds."""
+    from report_fixtures import LARGE_METRIC
+
+    from dinoflow.evaluate.sample_size import MIN_GROUPS, MIN_IMAGES
+
+    ws, params, page, _, parser = report
+    table, header = _table(parser, "comparison", 0)
+    last = model_names(params)[-1]
+    few = f"few images: 7 images (< {MIN_IMAGES}) in 5 groups (< {MIN_GROUPS}); read the number"
+    first, second = params["collection"]["label_columns"][:2]
+    assert few in table[last][1 + header.index(f"knn_top1/{first}") - 1]
+    assert "few images" not in table[last][1 + header.index(LARGE_METRIC) - 1]
+    # first label: 7 test images in 5 groups (flagged); second: exactly MIN_IMAGES in MIN_GROUPS (not flagged)
+    cells = sorted([r[t[0].index("test images")] for r in t[1:]] for t in parser.section_tables["probes"])
+    n = len(model_names(params))
+    assert cells == [[str(MIN_IMAGES)] * n, [f"7{few} and its interval as rough"] * n]
+
+
+def test_collection_counts_rows_per_status_and_points_to_the_docs(report):
+    _, _, page, _, parser = report
+    block = page.split('<section id="collection">')[1].split("</section>")[0]
+    assert "<code>ok</code> 24, <code>missing_file</code> 1." in block
+    assert "<code>docs/ingest.md</code>" in block

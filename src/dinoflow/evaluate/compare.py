@@ -20,7 +20,9 @@ Every model is evaluated on the same resamples (and, for Spearman, the same pair
 models has its own paired interval: "separable" when that interval excludes 0. A model is "best" only when its
 interval of difference excludes 0 against every other model; otherwise the verdict names the models the data
 cannot separate. A metric that is undefined for a model (degenerate field, too few images) has value null and
-its reason, and takes no part in pairs.
+its reason, and takes no part in pairs. Each metric also records `n_groups` (groups resampled whole; null when
+images are the unit) and `small_sample`: a note when its values rest on fewer images or groups than
+`dinoflow.evaluate.sample_size` asks for (also logged as a warning), else null.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dinoflow.config import model_names
 from dinoflow.errors import DinoflowError
 from dinoflow.evaluate.align import TEXT_FIELDS, field_features, field_rows
 from dinoflow.evaluate.probes import ITEM_COLUMNS
+from dinoflow.evaluate.sample_size import small_sample_note
 from dinoflow.evaluate.vectors import read_vectors
 from dinoflow.utils import get_logger, read_json, write_json
 
@@ -106,11 +109,13 @@ def percentile_interval(stats: np.ndarray, level: float = LEVEL) -> list[float] 
 
 def summarise_metric(models: list[str], values: dict[str, float | None], stats: dict[str, np.ndarray],
                      n_items: dict[str, int], reasons: dict[str, str | None],
-                     higher_is_better: bool = True) -> dict[str, Any]:
+                     higher_is_better: bool = True, n_groups: int | None = None) -> dict[str, Any]:
     """The contract-4 entry of one metric from point values and bootstrap statistics on shared resamples.
 
     values / stats / n_items / reasons: per model (stats: (n_resamples,) per model with a value, all on the
-    same resamples). Pairs: every pair a before b in `models`, diff = a - b.
+    same resamples). Pairs: every pair a before b in `models`, diff = a - b. n_groups: the near-duplicate groups
+    resampled whole (None: images are the unit). `n_groups` and `small_sample` (`sample_size.small_sample_note`
+    of the items behind the values, None when there are enough or no value) are copied into the entry.
     """
     per_model = {}
     for m in models:
@@ -134,8 +139,10 @@ def summarise_metric(models: list[str], values: dict[str, float | None], stats: 
             ci = percentile_interval(stats[a] - stats[b])
             pairs.append({"a": a, "b": b, "diff": per_model[a]["value"] - per_model[b]["value"], "ci95": ci,
                           "separable": bool(ci is not None and (ci[0] > 0 or ci[1] < 0))})
+    n_behind = max((per_model[m]["n_items"] for m in have), default=None)
     entry: dict[str, Any] = {"higher_is_better": higher_is_better, "per_model": per_model, "pairs": pairs,
-                             "best": None}
+                             "best": None, "n_groups": None if n_groups is None else int(n_groups),
+                             "small_sample": None if n_behind is None else small_sample_note(n_behind, n_groups)}
     if not have:
         why = sorted({r["reason"] for r in per_model.values() if r["reason"]})
         entry["verdict"] = "undefined for every model: " + "; ".join(why)
@@ -165,6 +172,13 @@ def summarise_metric(models: list[str], values: dict[str, float | None], stats: 
     else:
         entry["verdict"] = f"the data cannot separate {', '.join([leader] + unseparated)}{tail}"
     return entry
+
+
+def _log_entry(metric: str, entry: dict[str, Any]) -> None:
+    """The verdict of a metric, and a warning naming the metric and its counts when it rests on few images."""
+    log.info("%s: %s", metric, entry["verdict"])
+    if entry["small_sample"]:
+        log.warning("%s: %s", metric, entry["small_sample"])
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -226,14 +240,16 @@ def item_metrics(models: list[str], frames: dict[str, pd.DataFrame], key: str, v
                                         f"JSON says {value:.6f} (stale outputs? rerun the stage)")
                 values[m] = value
             stats: dict[str, np.ndarray] = {}
+            n_groups = None
             if tables:
                 ids = _shared_ids({m: t.index.to_numpy() for m, t in tables.items()}, metric)
                 mat = np.stack([tables[m].reindex(ids).to_numpy(dtype=np.float64) for m in tables])
                 resampler = Resampler(ids.size, _groups_of(ids, cfg["resample_unit"]))
+                n_groups = resampler.n_units if cfg["resample_unit"] == "group" else None
                 boot = bootstrap_means(mat, resampler, int(cfg["n_resamples"]), metric_rng(seed, metric))
                 stats = {m: boot[:, i] for i, m in enumerate(tables)}
-            out[metric] = summarise_metric(models, values, stats, n_items, reasons)
-            log.info("%s: %s", metric, out[metric]["verdict"])
+            out[metric] = summarise_metric(models, values, stats, n_items, reasons, n_groups=n_groups)
+            _log_entry(metric, out[metric])
     return out
 
 
@@ -342,12 +358,14 @@ def spearman_metrics(models: list[str], align: dict[str, dict[str, Any]], cfg: d
                 raise DinoflowError(f"{metric}: {m} has {n_items[m]} images with a {field} here but "
                                     f"{entry.get('n_items')} in {paths.align_metrics(m)} (stale outputs?)")
         stats: dict[str, np.ndarray] = {}
+        n_groups = None
         if img:
             resampler = Resampler(int(have.sum()), _groups_of(item_ids, cfg["resample_unit"]))
+            n_groups = resampler.n_units if cfg["resample_unit"] == "group" else None
             stats = spearman_bootstrap(img, txt[have], resampler, int(cfg["n_resamples"]), int(cfg["n_pairs"]),
                                        metric_rng(seed, metric))
-        out[metric] = summarise_metric(models, values, stats, n_items, reasons)
-        log.info("%s: %s", metric, out[metric]["verdict"])
+        out[metric] = summarise_metric(models, values, stats, n_items, reasons, n_groups=n_groups)
+        _log_entry(metric, out[metric])
     return out
 
 

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from dinoflow import paths
 from dinoflow.errors import DinoflowError
+from dinoflow.evaluate.sample_size import small_sample_note
 from dinoflow.evaluate.ties import UniqueRows, expected_topk_hit, inclusion_probabilities
 from dinoflow.evaluate.vectors import l2_normalize, read_vectors, read_vectors_metadata, similarity_features
 from dinoflow.utils import get_logger, write_json
@@ -308,6 +309,9 @@ def main(params: dict[str, Any], model: str) -> dict[str, Any]:
                  "images in %d groups)", model, column, res["knn"]["top1"], res["knn"]["top5"], res["linear"]["C"],
                  res["linear"]["top1"], res["linear"]["top5"], res["n_classes"], res["n_test"],
                  res["n_test_groups"])
+        few = small_sample_note(res["n_test"], res["n_test_groups"])
+        if few:
+            log.warning("%s / %s: probe test split: %s", model, column, few)
     if not columns:
         log.info("collection.label_columns is empty: no probes for %s", model)
     out = paths.probe_metrics(model)

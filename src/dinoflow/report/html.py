@@ -23,6 +23,7 @@ import pandas as pd
 from dinoflow import paths
 from dinoflow.config import model_config, model_names
 from dinoflow.errors import DinoflowError
+from dinoflow.evaluate.sample_size import small_sample_note
 from dinoflow.report import figures as F
 from dinoflow.report.grids import GRID_QUERIES, caption_of, read_model_info
 from dinoflow.report.text_quality import text_quality_block
@@ -127,7 +128,7 @@ COSINE_KEYS = ("median", "p01", "p99", "std")
 GROUPS_KEYS = ("source", "column", "hash", "max_distance", "n_images", "n_groups", "n_near_duplicate_groups",
                "n_images_in_near_duplicate_groups")
 RESAMPLING_KEYS = ("method", "n_resamples", "seed", "level")
-METRIC_KEYS = ("higher_is_better", "per_model", "pairs", "best", "verdict")
+METRIC_KEYS = ("higher_is_better", "per_model", "pairs", "best", "verdict", "n_groups", "small_sample")
 PER_MODEL_KEYS = ("value", "ci95", "n_items", "reason")
 PAIR_KEYS = ("a", "b", "diff", "ci95", "separable")
 BASELINES = ("random", "pretrained")  # every model is compared against these first
@@ -259,7 +260,8 @@ def compare_section(compare: Mapping[str, Any], models: Sequence[str], infos: Ma
         for name in names:
             e = metrics[name]["per_model"][m]
             cells.append({"text": interval_text(e["value"], e["ci95"]), "best": metrics[name]["best"] == m,
-                          "note": e["reason"] or "", "n": e["n_items"]})
+                          "note": e["reason"] or "", "n": e["n_items"],
+                          "few": metrics[name]["small_sample"] if e["value"] is not None else None})
         rows.append({"name": m, "method": model_method(infos.get(m)), "badges": model_badges(infos.get(m), health.get(m)),
                      "cells": cells})
     best = [{"text": metrics[n]["best"] or "cannot separate", "separated": metrics[n]["best"] is not None}
@@ -284,6 +286,77 @@ def compare_section(compare: Mapping[str, Any], models: Sequence[str], infos: Ma
             "verdicts": [(n, metrics[n]["verdict"]) for n in names],
             "resampling": f"{r['method']}, {r['n_resamples']} resamples, seed {r['seed']}, "
                           f"{100 * r['level']:g}% intervals"}
+
+
+# The metrics the summary at the top of the page answers with (top-5 and the rest stay in the comparison table).
+HEADLINE_METRICS = ("linear_top1", "knn_top1", "spearman", "mutual_knn")
+
+
+def _lead(metric: Mapping[str, Any], leader: str, other: str) -> tuple[float, list[float], bool]:
+    """(leader − other, its 95% interval, whether that interval excludes 0 in the leader's favour) from the
+    compare.json pair of the two models (read, never recomputed)."""
+    pair = next(p for p in metric["pairs"] if {p["a"], p["b"]} == {leader, other})
+    diff, ci = pair["diff"], list(pair["ci95"] or [])
+    if pair["a"] != leader:
+        diff, ci = -diff, [-c for c in reversed(ci)]
+    sign = 1.0 if metric["higher_is_better"] else -1.0
+    ahead = bool(pair["separable"] and ci and min(sign * c for c in ci) > 0)
+    return diff, ci, ahead
+
+
+def metric_summary(name: str, metric: Mapping[str, Any], models: Sequence[str]) -> dict[str, Any]:
+    """One line of the summary: the best model where compare.json names one (with its lead over the runner-up),
+    else the models the data cannot separate (with the leader's difference to the closest of them and its
+    interval), plus the metric's small-sample note. Only compare.json's values, pairs and `best` are used."""
+    per = metric["per_model"]
+    sign = 1.0 if metric["higher_is_better"] else -1.0
+    have = sorted((m for m in models if per[m]["value"] is not None), key=lambda m: -sign * per[m]["value"])
+    undefined = [m for m in models if per[m]["value"] is None]
+    line: dict[str, Any] = {"metric": name, "best": metric["best"], "few": metric["small_sample"],
+                            "direction": "higher is better" if metric["higher_is_better"] else "lower is better"}
+    if len(have) < 2:
+        line["text"] = metric["verdict"]
+        return line
+    if metric["best"] is not None:
+        best = metric["best"]
+        runner = next(m for m in have if m != best)
+        diff, ci, _ = _lead(metric, best, runner)
+        line["text"] = f"{best} is best; its lead over {runner}, {interval_text(diff, ci)}, excludes 0"
+    else:
+        leader = have[0]
+        tied = [m for m in have[1:] if not _lead(metric, leader, m)[2]]
+        if not tied:  # cannot happen with compare.json's own rule; its words then
+            line["text"] = metric["verdict"]
+            return line
+        diff, ci, _ = _lead(metric, leader, tied[0])
+        line["text"] = (f"the data cannot separate {', '.join([leader] + tied)}: {leader} − {tied[0]} = "
+                        f"{interval_text(diff, ci)}, an interval that does not exclude 0")
+    if undefined:
+        line["text"] += f" ({', '.join(undefined)}: undefined)"
+    return line
+
+
+def summary_section(compare: Mapping[str, Any] | None, compare_reason: str | None, models: Sequence[str],
+                    infos: Mapping[str, Any], health: Mapping[str, Any]) -> dict[str, Any]:
+    """The block at the top of the page: the answer per headline metric (`HEADLINE_METRICS`) as compare.json
+    decided it, how each model was trained and which network is evaluated, and every model flagged collapsed
+    (training) or degenerate (embeddings)."""
+    verdicts = [] if compare is None else [
+        metric_summary(name, metric, models) for name, metric in compare["metrics"].items()
+        if name.split("/")[0] in HEADLINE_METRICS]
+    rows, flags = [], []
+    for m in models:
+        info = infos.get(m)
+        if info is None:
+            rows.append({"name": m, "text": f"not trained yet ({paths.model_info(m)} not found)", "stand_in": ""})
+        else:
+            how = ("untrained" if info["method"] == "none" else f"trained with {info['method']}")
+            rows.append({"name": m, "stand_in": info["stand_in_label"] if info["stand_in"] else "",
+                         "text": f"{how}, init {info['init']} ({info['arch']}), trainable {info['trainable']}, "
+                                 f"evaluated network: {info['evaluated_network'] or 'the backbone as initialised'}"})
+        flags += [{"model": m, **b} for b in model_badges(info, health.get(m))]
+    return {"verdicts": verdicts, "reason": compare_reason, "models": rows, "flags": flags,
+            "resampling": None if compare is None else compare["resampling"]["method"]}
 
 
 def health_rows(models: Sequence[str], infos: Mapping[str, Any], health: Mapping[str, Any]) -> list[dict]:
@@ -346,7 +419,9 @@ def collection_section(manifest_path: str | Path, label_columns: Sequence[str]) 
                 if part.strip():
                     counts[part.strip()] = counts.get(part.strip(), 0) + 1
         notes = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    by_status = [("ok", int(len(ok)))] + [(s["status"], s["count"]) for s in skipped]
     return {"ok": True, "n_rows": int(len(df)), "n_ok": int(len(ok)), "n_skipped": int(len(df) - len(ok)),
+            "by_status": by_status,
             "n_caption": n_caption, "n_keywords": n_keywords, "label_classes": label_classes, "skipped": skipped,
             "notes": notes, "captions": {str(r["id"]): caption_of(r) for r in ok.to_dict("records")}}
 
@@ -533,8 +608,9 @@ def probes_section(probes: Mapping[str, Mapping[str, dict]], fig_dir: Path,
             rank_col = next((j for j, c in enumerate(columns) if c[1] == "top1"), None)
         for row in rows:  # context for reading the scores: majority-class accuracy and test size
             e = probes[row["model"]][label]
-            row["cells"] += [{"text": fmt(e.get("chance_top1")), "best": False}, {"text": fmt(e.get("n_test")),
-                                                                                   "best": False}]
+            few = small_sample_note(e["n_test"], e.get("n_test_groups")) if is_number(e.get("n_test")) else None
+            row["cells"] += [{"text": fmt(e.get("chance_top1")), "best": False},
+                             {"text": fmt(e.get("n_test")), "best": False, "few": few}]
         entry: dict[str, Any] = {"label": label, "columns": [f"{clf} {s[:3]}-{s[3:]}" for clf, s in columns]
                                  + ["chance top-1", "test images"], "rows": rows}
         if rank_col is not None and any(is_number(values[m][rank_col]) for m in models):
@@ -659,7 +735,8 @@ def report_metrics(models: Sequence[str], infos: Mapping[str, Any], health: Mapp
                 entry["differences"][name] = diffs
         per_model[m] = entry
     summary = None if compare is None else {
-        name: {"best": metric["best"], "verdict": metric["verdict"], "higher_is_better": metric["higher_is_better"]}
+        name: {"best": metric["best"], "verdict": metric["verdict"], "higher_is_better": metric["higher_is_better"],
+               "small_sample": metric["small_sample"]}
         for name, metric in compare["metrics"].items()}
     return {"resampling": None if compare is None else compare["resampling"], "metrics": summary,
             "models": per_model}
@@ -747,6 +824,7 @@ def build(params: dict[str, Any], fig_dir: str | Path = REPORT_FIGURES_DIR) -> t
         "similarity": " / ".join(similarities) if similarities else None,
         "health": health_rows(models, infos, health),
         "health_not_run": health_reasons,
+        "summary": summary_section(compare, compare_reason, models, infos, health),
         "compare": compare_section(compare, models, infos, health) if compare else {"ok": False,
                                                                                     "reason": compare_reason},
         "text_counts": text_counts,

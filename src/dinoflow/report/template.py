@@ -36,6 +36,7 @@ img { max-width: 100%; height: auto; display: block; margin: .5em 0; border: 1px
 .badge { color: #fff; background: #c62828; border-radius: 4px; padding: .05em .4em; font-size: .8em;
          font-weight: bold; white-space: nowrap; margin-left: .3em; }
 .ok { color: #1b5e20; }
+.few { color: #7a4b00; font-size: .85em; white-space: normal; }
 td.sep { font-weight: bold; background: #eaf6ea; }
 .scroll { overflow-x: auto; }
 .caption { font-style: italic; }
@@ -48,13 +49,35 @@ header code { background: #3b5169; color: #fff; }
 <h1>{{ title }}</h1>
 <div>collection <b>{{ collection_name }}</b> · {{ models|length }} model(s)</div>
 <nav>
-<a href="#models">models</a><a href="#health">health</a><a href="#collection">collection</a><a href="#training">training</a>
+<a href="#summary">summary</a><a href="#models">models</a><a href="#health">health</a><a href="#collection">collection</a><a href="#training">training</a>
 <a href="#comparison">comparison</a><a href="#alignment">alignment</a><a href="#probes">probes</a>
 <a href="#grids">retrieval grids</a><a href="#attention">attention maps</a>{% if not_run %}<a href="#notrun">not run</a>{% endif %}
 </nav>
 </header>
 <main>
 {% macro notrun(reason) %}<div class="notrun">not run: {{ reason }}</div>{% endmacro %}
+{% macro few(note) %}{% if note %}<br><span class="few" title="{{ note }}">{{ note }}</span>{% endif %}{% endmacro %}
+
+<section id="summary">
+<h2>Summary: which representation finds similar images best</h2>
+{% if summary.verdicts %}
+<table>
+<tr><th>metric</th><th>answer</th></tr>
+{% for v in summary.verdicts %}<tr><td><code>{{ v.metric }}</code> <span class="muted">({{ v.direction }})</span></td><td{% if v.best %} class="best"{% endif %}>{{ v.text }}{{ few(v.few) }}</td></tr>
+{% endfor %}
+</table>
+<p class="muted">As decided by the comparison ({{ summary.resampling }}; 95% intervals): a model is named best only
+where its interval of difference to every other model excludes 0. Every metric, top-5 included, and every pair:
+<a href="#comparison">comparison</a>.</p>
+{% else %}{{ notrun(summary.reason or "the comparison has no headline metric") }}{% endif %}
+<h3>What is evaluated</h3>
+<ul>{% for m in summary.models %}<li><b>{{ m.name }}</b>: {{ m.text }}{% if m.stand_in %} <span class="standin">{{ m.stand_in }}</span>{% endif %}</li>
+{% endfor %}</ul>
+{% if summary.flags %}<h3>Read these models with care</h3>
+<ul>{% for f in summary.flags %}<li><b>{{ f.model }}</b>: <span class="badge">{{ f.text }}</span> {{ f.title }}</li>
+{% endfor %}</ul>
+{% else %}<p class="ok">No model collapsed in training or has degenerate embeddings.</p>{% endif %}
+</section>
 
 <section id="models">
 <h2>Models and their weights</h2>
@@ -121,6 +144,9 @@ now and under the initial weights, with its 95% interval.</p>
 {% if groups %}<p class="muted">Groups: {% if groups.source == "group_column" %}the collection's column <code>{{ groups.column }}</code>{% else %}{{ groups.hash }} perceptual hashes within Hamming distance {{ groups.max_distance }}{% endif %}, over {{ groups.n_images }} images.</p>
 {% else %}{{ notrun("near-duplicate groups: " ~ groups_reason) }}{% endif %}
 <h3>Skipped rows by reason</h3>
+<p class="muted">Rows per manifest status (<code>status</code> column of <code>data/interim/manifest.parquet</code>;
+only <code>ok</code> rows are used): {% for st, n in collection.by_status %}<code>{{ st }}</code> {{ n }}{% if not loop.last %}, {% endif %}{% endfor %}.
+What each status means and what to do about it: <code>docs/ingest.md</code> in the dinoflow repository.</p>
 {% if collection.skipped %}
 <table><tr><th>reason</th><th>rows</th><th>examples (input row, id: detail)</th></tr>
 {% for s in collection.skipped %}
@@ -169,7 +195,7 @@ Red badges: training collapsed or embeddings degenerate (see <a href="#health">h
 <div class="scroll"><table>
 <tr><th>model</th><th>method</th>{% for n in compare.metrics %}<th title="{{ compare.direction[n] }}">{{ n }}</th>{% endfor %}</tr>
 {% for row in compare.rows %}<tr><th>{{ row.name }}{% for b in row.badges %}<span class="badge" title="{{ b.title }}">{{ b.text }}</span>{% endfor %}</th><td>{{ row.method }}</td>
-{% for c in row.cells %}<td class="num{% if c.best %} best{% endif %}"{% if c.note %} title="{{ c.note }}"{% endif %}>{{ c.text }}{% if c.note %}<br><span class="muted">{{ c.note }}</span>{% endif %}</td>{% endfor %}</tr>
+{% for c in row.cells %}<td class="num{% if c.best %} best{% endif %}"{% if c.note %} title="{{ c.note }}"{% endif %}>{{ c.text }}{% if c.note %}<br><span class="muted">{{ c.note }}</span>{% endif %}{{ few(c.few) }}</td>{% endfor %}</tr>
 {% endfor %}
 <tr><th>best</th><td></td>{% for b in compare.best %}<td{% if b.separated %} class="best"{% endif %}>{{ b.text }}</td>{% endfor %}</tr>
 </table></div>
@@ -207,7 +233,7 @@ values have none). Mantel p: permutation p-value.</p>
 {% for p in probes.labels %}
 <h3>label <code>{{ p.label }}</code></h3>
 <table><tr><th>model</th>{% for c in p.columns %}<th>{{ c }}</th>{% endfor %}</tr>
-{% for row in p.rows %}<tr><td>{{ row.model }}</td>{% for cell in row.cells %}<td class="num{% if cell.best %} best{% endif %}">{{ cell.text }}</td>{% endfor %}</tr>{% endfor %}
+{% for row in p.rows %}<tr><td>{{ row.model }}</td>{% for cell in row.cells %}<td class="num{% if cell.best %} best{% endif %}">{{ cell.text }}{{ few(cell.few) }}</td>{% endfor %}</tr>{% endfor %}
 </table>
 {% if p.confusion %}<p>Confusion matrix of <b>{{ p.best_model }}</b> ({{ p.best_by }}):</p>
 <img src="{{ p.confusion }}" alt="confusion matrix of {{ p.best_model }} on {{ p.label }}">

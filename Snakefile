@@ -5,8 +5,8 @@
 #   dinoflow export-dvc && dvc repro                      # the same DAG through DVC (dvc.yaml is generated)
 #
 # params.yaml is the config; each rule calls one `dinoflow <stage>` command and declares as `params:` exactly the
-# params.yaml sections that stage reads, so editing a parameter re-runs exactly those rules (and what depends on
-# their outputs). Output paths come from dinoflow.paths so they are spelled in one place.
+# params.yaml sections (or, for the lr search, the dotted keys) that stage reads, so editing a parameter re-runs
+# exactly those rules (and what depends on their outputs). Output paths come from dinoflow.paths so they are spelled in one place.
 
 from snakemake.utils import min_version, validate
 

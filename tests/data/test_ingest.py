@@ -211,10 +211,23 @@ def test_unknown_columns_are_reported_and_dropped_or_kept(messy):
     assert set(manifest["photographer"].dropna()) == {"someone"}
 
 
-def test_too_many_skipped_fails_with_counts_and_manifest(messy):
+def test_summary_line_on_stdout(messy, capsys):
+    """One line on stdout: rows kept / skipped per status and where to read more (Snakemake shows stdout)."""
+    _, summary = run(messy)
+    out = capsys.readouterr().out.splitlines()
+    assert out == [ingest.summary_line(summary)]
+    skipped = {k: v for k, v in summary["by_status"].items() if k != "ok"}
+    assert out[0].startswith(f"ingest: 25 rows, {summary['n_ok']} ok, {sum(skipped.values())} skipped (")
+    assert all(f"{k}: {v}" in out[0] for k, v in skipped.items()) and "missing_file: 1" in out[0]
+    assert out[0].endswith(f"per row: {paths.MANIFEST} (status, detail); counts: {paths.INGEST_SUMMARY}; "
+                           "statuses: docs/ingest.md")
+
+
+def test_too_many_skipped_fails_with_counts_and_manifest(messy, capsys):
     messy["ingest"]["max_skipped_fraction"] = 0.25
     with pytest.raises(DinoflowError) as err:
         ingest.main(messy)
+    assert capsys.readouterr().out.startswith("ingest: 25 rows, 10 ok, 15 skipped (")  # printed before failing
     message = str(err.value)
     assert "15 of 25 rows skipped" in message and "> ingest.max_skipped_fraction = 25.0%" in message
     assert "too_many_pixels: 2" in message and "path_outside_images_dir: 3" in message
@@ -227,6 +240,7 @@ def test_clean_collection_is_all_ok(tiny_collection, workspace):
     params["ingest"]["workers"] = 1
     manifest, summary = run(params)
     assert summary["by_status"] == {"ok": 24}
+    assert ingest.summary_line(summary).startswith("ingest: 24 rows, 24 ok, 0 skipped; per row: ")
     assert summary["ok_without_caption"] == 4  # missing_text_every=6 in the fixture
     assert manifest["shape"].notna().all() and manifest["color"].notna().all()
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from dinoflow import paths
-from _workflow_helpers import (downstream, dvc_init, dvc_repro, edit_params, jobs, link_workflow, readers,
-                               snakemake, upstream)
+from _workflow_helpers import (BIN, downstream, dvc_init, dvc_repro, edit_params, jobs, link_workflow, readers,
+                               run, snakemake, upstream)
 
 INGEST, PREPROCESS = ("ingest", None), ("preprocess", None)
 # (section, key, new value): one read by preprocess only, one by ingest (upstream of preprocess), one by neither.
@@ -67,3 +67,12 @@ def test_data_stages_read_exactly_the_declared_sections(ws):
     specs = {s.rule: s for s in jobs(ws)}
     for rule, stage in (("ingest", "ingest"), ("preprocess", "preprocess")):
         assert sections_read(ws, stage) == set(specs[rule].params), rule
+
+
+def test_snakemake_shows_the_ingest_summary(ws):
+    """Kept / skipped rows are visible without opening a log: the ingest command's one line reaches the console."""
+    proc = run([str(BIN / "snakemake"), "--cores", "1", "--nolock", paths.MANIFEST], ws)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("ingest: ")]
+    assert len(lines) == 1 and lines[0].startswith("ingest: 24 rows, 24 ok, 0 skipped; ") and \
+        lines[0].endswith("statuses: docs/ingest.md")
+    assert "ingest: 24 ok, 0 skipped" in (ws / "logs/ingest.log").read_text()  # the log keeps the log lines

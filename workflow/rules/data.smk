@@ -58,7 +58,8 @@ rule ingest:
         mem_mb=4000,
         runtime=60,
     shell:
-        "dinoflow ingest > {log} 2>&1"
+        # the log gets the log lines (stderr); the one-line summary of kept / skipped rows (stdout) is shown
+        "dinoflow ingest 2> {log}"
 
 
 rule preprocess:

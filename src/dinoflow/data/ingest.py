@@ -693,6 +693,16 @@ def summarise(df: pd.DataFrame, **extra: Any) -> dict[str, Any]:
     }
 
 
+def summary_line(summary: dict[str, Any]) -> str:
+    """The one line `dinoflow ingest` prints on stdout (Snakemake and `dvc repro` show it; the log holds the
+    rest): rows kept and skipped per manifest status, and where to read more. E.g. "ingest: 25 rows, 24 ok,
+    1 skipped (missing_file: 1); per row: data/interim/manifest.parquet (status, detail); statuses: docs/ingest.md"."""
+    reasons = ", ".join(f"{k}: {v}" for k, v in summary["by_status"].items() if k != OK)
+    return (f"ingest: {summary['n_rows']} rows, {summary['n_ok']} ok, {summary['n_skipped']} skipped"
+            f"{f' ({reasons})' if reasons else ''}; per row: {paths.MANIFEST} (status, detail); counts: "
+            f"{paths.INGEST_SUMMARY}; statuses: docs/ingest.md")
+
+
 def main(params: dict[str, Any], **_: Any) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
@@ -735,6 +745,7 @@ def main(params: dict[str, Any], **_: Any) -> dict[str, Any]:
         log.warning("ingest: %d missing file(s) have a near match on disk (letter case, spaces, another "
                     "extension): a naming problem rather than lost files? See the detail column of %s",
                     summary["missing_file_with_near_match"], paths.MANIFEST)
+    print(summary_line(summary), flush=True)
     if summary["skipped_fraction"] > limit:
         raise DinoflowError(
             f"ingest: {summary['n_skipped']} of {summary['n_rows']} rows skipped "

@@ -19,7 +19,8 @@ For each label column (`collection.label_columns`):
 Top-1 / top-5 correctness of every test image is its probability under random tie-breaking of tied class scores
 (`ties.expected_topk_hit`); accuracies are their means. Accuracies and confusion matrices (rows: true class,
 columns: predicted) go to `paths.probe_metrics(M)`, the per-test-image correctness (with ids) to
-`paths.probe_items(M)` for the item bootstrap of `dinoflow compare`.
+`paths.probe_items(M)` for the item bootstrap of `dinoflow compare`. A test split of fewer images or groups than
+`dinoflow.evaluate.sample_size` asks for is logged as a warning naming the column and the counts.
 """
 
 from __future__ import annotations

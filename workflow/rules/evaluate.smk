@@ -114,7 +114,7 @@ rule align:
         model_log("align"),
     conda:
         ENV
-    threads: 2
+    threads: 1  # sequential numpy / scipy (rank sorts, L-BFGS): two 1-thread jobs use 2 cores better than one 2-thread job; profiles raise it (set-threads)
     resources:
         mem_mb=8000,
         runtime=120,
@@ -137,7 +137,7 @@ rule probes:
         model_log("probes"),
     conda:
         ENV
-    threads: 2
+    threads: 1  # sequential numpy / scipy (rank sorts, L-BFGS): two 1-thread jobs use 2 cores better than one 2-thread job; profiles raise it (set-threads)
     resources:
         mem_mb=8000,
         runtime=60,

@@ -354,9 +354,7 @@ class Engine:
             raise DinoflowError(f"method {self.method.name}: training_step returned no 'loss'")
         loss = out.pop("loss")
         embeddings, targets = out.pop("embeddings", None), out.pop("targets", None)
-        logged = {k: float(all_reduce_mean(torch.as_tensor(v).detach().float().to(self.device)))
-                  for k, v in out.items()}
-        logged["loss/total"] = float(all_reduce_mean(loss.detach().float()))
+        logged = self._process_mean({**out, "loss/total": loss})
         if not math.isfinite(logged["loss/total"]):
             lr = self.optimizer.param_groups[0]["lr"]
             raise DinoflowError(
@@ -409,7 +407,16 @@ class Engine:
             values = {f"{net}/{k}": v for k, v in monitors.embedding_monitors(embeddings).items()}
             self.monitor_meta = {}
         self.monitor_meta.update(n_samples=int(embeddings.shape[0]), embed_dim=int(embeddings.shape[-1]))
-        return {k: float(all_reduce_mean(torch.tensor(float(v), device=self.device))) for k, v in values.items()}
+        return self._process_mean(values)
+
+    def _process_mean(self, values: dict[str, Any]) -> dict[str, float]:
+        """0-d tensors / numbers -> their means over processes as Python floats, in one all-reduce of a stacked
+        vector and one device-to-host copy (not one all-reduce and one synchronisation per value)."""
+        if not values:
+            return {}
+        stacked = torch.stack([torch.as_tensor(v).detach().to(self.device, torch.float32).reshape(())
+                               for v in values.values()])
+        return dict(zip(values, all_reduce_mean(stacked).tolist()))
 
     def verdict(self, history: list[dict[str, float]]) -> dict[str, Any] | None:
         """Contract 2's collapse verdict over the monitors of `history` (the steps of the last epoch); None when

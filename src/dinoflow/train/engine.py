@@ -105,8 +105,9 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 def adamw_implementation(groups: list[dict[str, Any]]) -> dict[str, bool]:
     """``{"fused": True}`` when every parameter is a floating-point tensor on a device type the fused AdamW kernel
-    supports (one kernel per parameter list instead of a dozen element-wise passes: 3.7x faster steps for the
-    benchmark ViT, 1.4x for ResNet-18, on one CPU thread); else ``{"foreach": True}`` (multi-tensor kernels).
+    supports (one kernel per parameter list instead of a dozen element-wise passes; the optimizer step of the
+    benchmark ViT 11.3 -> 3.0 ms, of ResNet-18 50 -> 35 ms, one CPU thread); else ``{"foreach": True}``
+    (multi-tensor kernels).
 
     Both compute AdamW (Loshchilov & Hutter 2019) as ``torch.optim.AdamW`` documents; they may differ from the
     default loop in the last float bits (another order of the same operations), never in the algorithm. A run

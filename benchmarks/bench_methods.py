@@ -8,14 +8,16 @@ train on the *same* collated batch (made once by the method's own view maker fro
 data loading is not timed; both sides see the same number and size of views):
 
 - dinoflow: `dinoflow.train.engine.Engine.train_step` around the registered method (``make_engine``, the method's
-  default ``methods.<name>`` knobs): forward, loss, backward, ``after_backward``, gradient clipping (head and
-  backbone), AdamW step, EMA of the method's pairs, queue updates, logged values and the collapse monitor;
+  default ``methods.<name>`` knobs): forward (same-size views through one backbone call where no BatchNorm uses
+  batch statistics: `dinoflow.ssl.methods.base.pooled_views`), loss, backward, ``after_backward``, gradient
+  clipping (head and backbone), AdamW step (PyTorch's fused kernel: `dinoflow.train.engine.adamw_implementation`),
+  EMA of the method's pairs, queue updates, logged values and the collapse monitor;
 - lightly (baseline): the training loop of lightly's own example of that method, built from lightly's heads,
   losses, ``MemoryBankModule`` (through ``NTXentLoss(memory_bank_size=...)``), ``update_momentum`` and
   ``deactivate_requires_grad``, on a timm model of the same architecture and weights (``num_classes=0``, as
-  lightly's timm examples); same head sizes as dinoflow's method config; the same optimizer (AdamW, no weight
-  decay on biases / norms via lightly's ``get_weight_decay_parameters``) and the same gradient clipping
-  (``train.clip_grad``) so that both sides do the same optimizer work.
+  lightly's timm examples); same head sizes as dinoflow's method config; the same optimizer algorithm (AdamW, no
+  weight decay on biases / norms via lightly's ``get_weight_decay_parameters``; torch's default implementation,
+  as an example loop writes it) and the same gradient clipping (``train.clip_grad``).
 
 Where lightly has no module for a part of a method the reference writes it as the paper does and the result
 table says so (MoCo v3's loss: ``CE(q k^T / T, arange) * 2T`` from the paper's pseudo-code; lightly has its
@@ -538,12 +540,8 @@ def bootstrap_ci(values: list[float], n: int = 2000, seed: int = 0) -> tuple[flo
     return float(np.quantile(meds, 0.025)), float(np.quantile(meds, 0.975))
 
 
-def build_sides(method: str, kind: str, mode: str, batch: int, steps: int, section: dict | None,
-                engine_optimizer: str = "default"):
-    """The dinoflow engine step and the baseline step for (method, backbone kind), on one shared batch.
-
-    ``engine_optimizer="fused"``: a what-if variant, the engine's AdamW rebuilt over the same parameter groups
-    with ``fused=True`` (PyTorch's fused CPU/GPU kernel); the baseline keeps lightly's plain AdamW."""
+def build_sides(method: str, kind: str, mode: str, batch: int, steps: int, section: dict | None):
+    """The dinoflow engine step and the baseline step for (method, backbone kind), on one shared batch."""
     from dinoflow.ssl.methods.base import parse_config
     from dinoflow.train.engine import RunSpec, make_engine
 
@@ -555,8 +553,6 @@ def build_sides(method: str, kind: str, mode: str, batch: int, steps: int, secti
     encoder = make_encoder(spec, sizes["global_crop_size"])
     run = RunSpec(method=method, method_section=section, trainable="all", train=cfg, finetune=None, seed=0)
     engine = make_engine(run, encoder, images)
-    if engine_optimizer == "fused":
-        engine.optimizer = torch.optim.AdamW(engine._param_groups(), lr=0.0, weight_decay=0.0, fused=True)
     engine.set_epoch(0)
     batch_views = next(iter(engine.loader))
     engine.set_epoch(1)  # second epoch: prototype / last-layer freezes are over, as on the baseline side
@@ -619,9 +615,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> str:
     """The result table of a run (``result`` as written to the JSON) -> ``path``; returns the text."""
     mode, sizes, batch = result["mode"], result["sizes"], result["batch"]
     vit, cnn = result["backbones"]["vit"], result["backbones"]["cnn"]
-    what_if = (" -- what-if: the engine's AdamW with fused=True, the baseline's plain AdamW"
-               if result.get("engine_optimizer") == "fused" else "")
-    md = [f"# Training step per method: dinoflow engine vs lightly ({mode}){what_if}", "",
+    md = [f"# Training step per method: dinoflow engine vs lightly ({mode})", "",
           f"Command: `{result['command']}`" + (f"; table re-rendered from `{result['rendered_from']}` with "
                                                "`--render`  " if "rendered_from" in result else "  "),
           f"Backbones: ViT `{vit['arch']}` {vit['kwargs']}, CNN `{cnn['arch']}` {cnn['kwargs'] or '(timm default)'}; "
@@ -669,8 +663,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"), help="results folder")
     ap.add_argument("--render", metavar="JSON", default=None,
                     help="only rewrite the .md table next to a results JSON of an earlier run")
-    ap.add_argument("--engine-optimizer", choices=["default", "fused"], default="default",
-                    help="what-if: the engine's AdamW with fused=True (results named methods_fused_adamw*)")
     args = ap.parse_args(argv)
     if args.render:
         src = Path(args.render)
@@ -697,8 +689,7 @@ def main(argv: list[str] | None = None) -> int:
             if kind != "vit" and method in VIT_ONLY:
                 continue
             t0 = time.perf_counter()
-            sides, what, shape, method_cfg = build_sides(method, kind, mode, batch, warmup + reps, None,
-                                                             args.engine_optimizer)
+            sides, what, shape, method_cfg = build_sides(method, kind, mode, batch, warmup + reps, None)
             times = measure(sides, warmup, reps)
             row = {"method": method, "backbone": kind, "arch": BACKBONES[mode][kind]["arch"],
                    "baseline": BASELINE_KIND[method], "baseline_parts": what, "shape": shape,
@@ -721,15 +712,14 @@ def main(argv: list[str] | None = None) -> int:
         load = " / ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
     except OSError:
         load = "n/a"
-    name = ("methods_fused_adamw" if args.engine_optimizer == "fused" else "methods") + \
-        ("_quick" if args.quick else "")
+    name = "methods" + ("_quick" if args.quick else "")
     cmd = "OMP_NUM_THREADS=1 python benchmarks/bench_methods.py" + (" --quick" if args.quick else "") + \
         (f" --methods {' '.join(methods)}" if args.methods else "") + \
         (f" --backbones {' '.join(args.backbones)}" if args.backbones != ["vit", "cnn"] else "") + \
         (f" --batch {batch}" if args.batch else "") + (f" --reps {reps}" if args.reps else "") + \
-        (f" --warmup {warmup}" if args.warmup is not None else "") + \
-        (" --engine-optimizer fused" if args.engine_optimizer == "fused" else "")
-    result = {"command": cmd, "mode": mode, "engine_optimizer": args.engine_optimizer, "batch": batch, "reps": reps,
+        (f" --warmup {warmup}" if args.warmup is not None else "")
+    result = {"command": cmd, "mode": mode, "engine_optimizer": "AdamW, fused kernel where supported (engine.adamw_implementation)",
+              "baseline_optimizer": "AdamW, torch defaults", "batch": batch, "reps": reps,
               "warmup": warmup,
               "backbones": BACKBONES[mode], "sizes": sizes, "threads": torch.get_num_threads(),
               "platform": platform.platform(), "torch": torch.__version__, "load_average_at_end": load,

@@ -161,3 +161,34 @@ def test_every_method_fine_tunes_the_last_block_of_a_cnn_after_the_head_warmup(m
     assert changed and all(k in last or k.rsplit(".", 1)[0] + ".weight" in last for k in changed), sorted(changed)
     params = dict(bb.named_parameters())
     assert all(not torch.equal(states[1][k], states[2][k]) for k in last if k in params and "weight" in k)
+
+
+def test_adamw_uses_the_fused_kernel_for_cpu_floats_and_foreach_otherwise(images):
+    engine = make_engine(RunSpec("simclr", SMALL["simclr"], "all", tiny_train_config(), None, 0),
+                         tiny_encoder("vit"), images)
+    assert engine.optimizer.defaults["fused"] is True
+    meta = {"params": [torch.zeros(2, device="meta")]}
+    assert engine_mod.adamw_implementation([meta]) == {"foreach": True}
+    assert engine_mod.adamw_implementation([{"params": [torch.zeros(2, dtype=torch.long)]}]) == {"foreach": True}
+    assert engine_mod.adamw_implementation([{"params": [torch.zeros(2)]}, meta]) == {"foreach": True}
+
+
+def test_fused_adamw_steps_follow_the_adamw_formula():
+    """Two steps of the engine's AdamW choice against AdamW written out (Loshchilov & Hutter 2019, Alg. 2 with
+    PyTorch's bias correction): decoupled decay ``p -= lr * wd * p`` then ``p -= lr * m_hat / (sqrt(v_hat) + eps)``."""
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.randn(5, 3, generator=g)
+    grads = [torch.randn(5, 3, generator=g) for _ in range(2)]
+    p = p0.clone().requires_grad_(True)
+    lr, wd, (b1, b2), eps = 0.1, 0.05, (0.9, 0.999), 1e-8
+    groups = [{"params": [p]}]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=wd, **engine_mod.adamw_implementation(groups))
+    assert opt.defaults["fused"] is True
+    want, m, v = p0.double(), torch.zeros(5, 3, dtype=torch.float64), torch.zeros(5, 3, dtype=torch.float64)
+    for t, grad in enumerate(grads, start=1):
+        p.grad = grad.clone()
+        opt.step()
+        gd = grad.double()
+        m, v = b1 * m + (1 - b1) * gd, b2 * v + (1 - b2) * gd * gd
+        want = want * (1 - lr * wd) - lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+    torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-6)

@@ -99,6 +99,34 @@ def view_settings(cfg: TrainConfig, mean=None, std=None) -> ViewSettings:
                         local_crop_scale=tuple(cfg.local_crop_scale), **extra)
 
 
+#: device types PyTorch's fused AdamW kernel runs on (torch.optim.adamw: ``_get_fused_kernels_supported_devices``)
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def adamw_implementation(groups: list[dict[str, Any]]) -> dict[str, bool]:
+    """``{"fused": True}`` when every parameter is a floating-point tensor on a device type the fused AdamW kernel
+    supports (one kernel per parameter list instead of a dozen element-wise passes; the optimizer step of the
+    benchmark ViT 11.3 -> 3.0 ms, of ResNet-18 50 -> 35 ms, one CPU thread); else ``{"foreach": True}``
+    (multi-tensor kernels).
+
+    Both compute AdamW (Loshchilov & Hutter 2019) as ``torch.optim.AdamW`` documents; they may differ from the
+    default loop in the last float bits (another order of the same operations), never in the algorithm. A run
+    is bit-identical to itself (and to its resume) whichever is chosen, as the choice depends on the parameters
+    only."""
+    params = [p for g in groups for p in g["params"]]
+    fused_ok = bool(params) and all(
+        p.is_floating_point() and p.device.type in FUSED_ADAMW_DEVICES for p in params)
+    return {"fused": True} if fused_ok else {"foreach": True}
+
+
+def sync_batchnorm_targets(method: SSLMethod) -> list[nn.Module]:
+    """The modules whose BatchNorm layers become SyncBatchNorm in a scratch DDP run of a BatchNorm backbone: the
+    student backbone and the teacher of every EMA pair, except the method's `SSLMethod.local_batchnorm` (MoCo v2's
+    key encoder with shuffling BN keeps per-process statistics)."""
+    local = {id(m) for m in method.local_batchnorm()}
+    return [m for m in [method.backbone] + [t for _, t in method.ema_pairs()] if id(m) not in local]
+
+
 def _set_batchnorm_eval(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -155,11 +183,12 @@ class Engine:
                                                      for m in method.backbone.modules()):
             from timm.layers import convert_sync_batchnorm
 
-            for student, teacher in [(method.backbone, None)] + method.ema_pairs():
-                convert_sync_batchnorm(teacher if teacher is not None else student)
+            for module in sync_batchnorm_targets(method):
+                convert_sync_batchnorm(module)
         if self.ctx.enabled:  # heads normalise over the global batch, as one process would
+            local = {id(m) for m in method.local_batchnorm()}
             for name, child in method.named_children():
-                if name != "backbone":
+                if name != "backbone" and id(child) not in local:
                     global_batchnorm(child)
         # Parameters that ever train (heads + the `trainable` blocks); the frozen rest is not in the optimizer.
         self.train_names = [n for n, p in method.named_parameters() if p.requires_grad]
@@ -173,7 +202,8 @@ class Engine:
             self.model = torch.compile(self.model)
 
         # -- optimizer and schedules
-        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=0.0, weight_decay=0.0)
+        groups = self._param_groups()
+        self.optimizer = torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, **adamw_implementation(groups))
         self.schedules = self._schedules()
         self.method_schedules = {k: np.asarray(v, dtype=np.float64)
                                  for k, v in method.schedules(self.epochs, self.steps_per_epoch).items()}
@@ -275,7 +305,12 @@ class Engine:
         self.epoch = int(epoch)
         if self.ft:
             self.method.backbone.set_trainable(self.trainable if self.phase == "backbone" else "none")
-        self.method.train()  # teachers too: their BatchNorm layers use batch statistics, as MoCo v3 / BYOL
+        self.method.train()
+        if not self.ft:  # teachers too: their BatchNorm layers use batch statistics, as MoCo / BYOL / DINO run them
+            for _, teacher in self.method.ema_pairs():  # (Encoder.train keeps BN without trainable params in eval)
+                for module in teacher.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.train()
         if self.ft:  # small batches: keep the pretrained BN statistics of the backbone and its EMA copies
             _set_batchnorm_eval(self.method.backbone)
             for student, teacher in self.method.ema_pairs():
@@ -320,9 +355,7 @@ class Engine:
             raise DinoflowError(f"method {self.method.name}: training_step returned no 'loss'")
         loss = out.pop("loss")
         embeddings, targets = out.pop("embeddings", None), out.pop("targets", None)
-        logged = {k: float(all_reduce_mean(torch.as_tensor(v).detach().float().to(self.device)))
-                  for k, v in out.items()}
-        logged["loss/total"] = float(all_reduce_mean(loss.detach().float()))
+        logged = self._process_mean({**out, "loss/total": loss})
         if not math.isfinite(logged["loss/total"]):
             lr = self.optimizer.param_groups[0]["lr"]
             raise DinoflowError(
@@ -375,7 +408,16 @@ class Engine:
             values = {f"{net}/{k}": v for k, v in monitors.embedding_monitors(embeddings).items()}
             self.monitor_meta = {}
         self.monitor_meta.update(n_samples=int(embeddings.shape[0]), embed_dim=int(embeddings.shape[-1]))
-        return {k: float(all_reduce_mean(torch.tensor(float(v), device=self.device))) for k, v in values.items()}
+        return self._process_mean(values)
+
+    def _process_mean(self, values: dict[str, Any]) -> dict[str, float]:
+        """0-d tensors / numbers -> their means over processes as Python floats, in one all-reduce of a stacked
+        vector and one device-to-host copy (not one all-reduce and one synchronisation per value)."""
+        if not values:
+            return {}
+        stacked = torch.stack([torch.as_tensor(v).detach().to(self.device, torch.float32).reshape(())
+                               for v in values.values()])
+        return dict(zip(values, all_reduce_mean(stacked).tolist()))
 
     def verdict(self, history: list[dict[str, float]]) -> dict[str, Any] | None:
         """Contract 2's collapse verdict over the monitors of `history` (the steps of the last epoch); None when

@@ -14,7 +14,7 @@ from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
 from torch import nn
 
 from dinoflow.ssl.methods._common import check_momentum, check_positive
-from dinoflow.ssl.methods.base import SSLMethod, TwoViews, make_teacher, pooled, register
+from dinoflow.ssl.methods.base import SSLMethod, TwoViews, make_teacher, pooled_views, register
 
 
 @register
@@ -49,10 +49,10 @@ class BYOL(SSLMethod):
         return [(self.backbone, self.target_backbone), (self.projection_head, self.target_projection_head)]
 
     def training_step(self, batch, ctx):
-        x0, x1 = batch.views[:2]
-        h0, h1 = pooled(self.backbone, x0), pooled(self.backbone, x1)
+        h0, h1 = pooled_views(self.backbone, batch.views[:2])
         p0, p1 = (self.prediction_head(self.projection_head(h)) for h in (h0, h1))
         with torch.no_grad():
-            z0, z1 = (self.target_projection_head(pooled(self.target_backbone, x)) for x in (x0, x1))
+            t0, t1 = pooled_views(self.target_backbone, batch.views[:2])
+            z0, z1 = self.target_projection_head(t0), self.target_projection_head(t1)
         loss = 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
         return {"loss": loss, "embeddings": h0.detach()}

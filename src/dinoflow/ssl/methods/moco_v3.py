@@ -13,7 +13,7 @@ from lightly.models.modules.heads import MoCoProjectionHead
 from torch import nn
 
 from dinoflow.ssl.methods._common import check_momentum, check_positive, gather, gather_no_grad, info_nce
-from dinoflow.ssl.methods.base import SSLMethod, TwoViews, make_teacher, pooled, register
+from dinoflow.ssl.methods.base import SSLMethod, TwoViews, make_teacher, pooled_views, register
 
 
 @register
@@ -55,10 +55,10 @@ class MoCoV3(SSLMethod):
         return info_nce(gather(q), gather_no_grad(k), None, t) * 2 * t
 
     def training_step(self, batch, ctx):
-        x0, x1 = batch.views[:2]
-        h0, h1 = pooled(self.backbone, x0), pooled(self.backbone, x1)
+        h0, h1 = pooled_views(self.backbone, batch.views[:2])
         q0, q1 = (self.prediction_head(self.projection_head(h)) for h in (h0, h1))
         with torch.no_grad():
-            k0, k1 = (self.momentum_projection_head(pooled(self.momentum_backbone, x)) for x in (x0, x1))
+            m0, m1 = pooled_views(self.momentum_backbone, batch.views[:2])
+            k0, k1 = self.momentum_projection_head(m0), self.momentum_projection_head(m1)
         loss = self.contrastive(q0, k1) + self.contrastive(q1, k0)
         return {"loss": loss, "embeddings": h0.detach()}

@@ -10,7 +10,7 @@ from lightly.loss import NTXentLoss
 from lightly.models.modules.heads import SimCLRProjectionHead
 
 from dinoflow.ssl.methods._common import check_positive, gather
-from dinoflow.ssl.methods.base import SSLMethod, TwoViews, pooled, register
+from dinoflow.ssl.methods.base import SSLMethod, TwoViews, pooled_views, register
 
 
 @register
@@ -36,7 +36,7 @@ class SimCLR(SSLMethod):
         return TwoViews.from_setup(self.setup)
 
     def training_step(self, batch, ctx):
-        h0, h1 = (pooled(self.backbone, v) for v in batch.views[:2])
+        h0, h1 = pooled_views(self.backbone, batch.views[:2])
         z0, z1 = self.projection_head(h0), self.projection_head(h1)
         loss = self.criterion(gather(z0), gather(z1))
         return {"loss": loss, "embeddings": h0.detach()}

@@ -11,7 +11,7 @@ from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules.heads import SimSiamPredictionHead, SimSiamProjectionHead
 
 from dinoflow.ssl.methods._common import check_positive
-from dinoflow.ssl.methods.base import SSLMethod, TwoViews, pooled, register
+from dinoflow.ssl.methods.base import SSLMethod, TwoViews, pooled_views, register
 
 
 @register
@@ -39,7 +39,7 @@ class SimSiam(SSLMethod):
         return TwoViews.from_setup(self.setup)
 
     def training_step(self, batch, ctx):
-        h0, h1 = (pooled(self.backbone, v) for v in batch.views[:2])
+        h0, h1 = pooled_views(self.backbone, batch.views[:2])
         z0, z1 = self.projection_head(h0), self.projection_head(h1)
         p0, p1 = self.prediction_head(z0), self.prediction_head(z1)
         loss = 0.5 * (self.criterion(p0, z1.detach()) + self.criterion(p1, z0.detach()))

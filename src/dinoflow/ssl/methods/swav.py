@@ -18,7 +18,7 @@ from torch import nn
 
 from dinoflow.errors import DinoflowError
 from dinoflow.ssl.methods._common import FeatureQueue, check_positive, gather, gather_no_grad
-from dinoflow.ssl.methods.base import MultiCropViews, SSLMethod, pooled, register
+from dinoflow.ssl.methods.base import MultiCropViews, SSLMethod, pooled_views, register
 
 
 @register
@@ -67,8 +67,8 @@ class SwAV(SSLMethod):
         with torch.no_grad():
             for layer in self.prototypes.heads:
                 layer.weight.copy_(F.normalize(layer.weight, dim=1))
-        pooled_views = [pooled(self.backbone, v) for v in batch.views]
-        features = [F.normalize(self.projection_head(h), dim=1) for h in pooled_views]
+        embeddings = pooled_views(self.backbone, batch.views)  # one backbone call per resolution (ViT)
+        features = [F.normalize(self.projection_head(h), dim=1) for h in embeddings]
         outputs = [gather(self.prototypes(f)) for f in features]
         high, low = outputs[:2], outputs[2:]
         queue_outputs = None
@@ -80,4 +80,4 @@ class SwAV(SSLMethod):
         if self.queues is not None:
             for q, f in zip(self.queues, features[:2]):
                 q.push(gather_no_grad(f))
-        return {"loss": loss, "embeddings": pooled_views[0].detach()}
+        return {"loss": loss, "embeddings": embeddings[0].detach()}

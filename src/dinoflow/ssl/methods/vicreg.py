@@ -11,7 +11,7 @@ from lightly.loss import VICRegLoss
 from lightly.models.modules.heads import VICRegProjectionHead
 
 from dinoflow.ssl.methods._common import check_positive, gather
-from dinoflow.ssl.methods.base import SSLMethod, TwoViews, pooled, register
+from dinoflow.ssl.methods.base import SSLMethod, TwoViews, pooled_views, register
 
 
 @register
@@ -46,6 +46,6 @@ class VICReg(SSLMethod):
         return TwoViews.from_setup(self.setup)
 
     def training_step(self, batch, ctx):
-        h0, h1 = (pooled(self.backbone, v) for v in batch.views[:2])
+        h0, h1 = pooled_views(self.backbone, batch.views[:2])
         loss = self.criterion(gather(self.projection_head(h0)), gather(self.projection_head(h1)))
         return {"loss": loss, "embeddings": h0.detach()}

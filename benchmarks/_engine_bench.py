@@ -1,12 +1,60 @@
 """Shared set-up of the training benchmarks: an engine of a params.yaml model's architecture and one batch of its
-views made once from random images (so data loading is not timed)."""
+views made once from random images (so data loading is not timed); the command line of the step benchmarks
+(dinoflow vs lightly) and their alternating timing loop."""
 
 from __future__ import annotations
 
+import argparse
 import copy
+import time
+from pathlib import Path
+from typing import Callable
 
 import torch
+import yaml
 from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def step_bench_setup(description: str) -> tuple[argparse.Namespace, dict, int, int, torch.device]:
+    """Parse the command line of a step benchmark (``--quick``, ``--batch``, ``--steps``, ``--device``,
+    ``--params``) and load its params.yaml: ``(args, params, batch_size, timed_steps_per_side, device)``;
+    the batch defaults to train.batch_size (quick: 8), the steps to 10 (quick: 3)."""
+    from dinoflow.utils import resolve_device
+
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="batch 8, 3 timed steps per side")
+    ap.add_argument("--batch", type=int, default=None, help="images per step (default: train.batch_size; quick: 8)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per side (default 10; quick 3)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--params", default=str(REPO / "params.yaml"))
+    args = ap.parse_args()
+    with open(args.params, encoding="utf-8") as fh:
+        params = yaml.safe_load(fh)
+    batch_size = args.batch or (8 if args.quick else int(params["train"]["batch_size"]))
+    steps = args.steps or (3 if args.quick else 10)
+    return args, params, batch_size, steps, resolve_device(args.device)
+
+
+def time_alternating(sides: dict[str, Callable[[], object]], steps: int,
+                     device: torch.device) -> dict[str, list[float]]:
+    """Seconds per step of each side: one untimed warm-up step each (allocations, lazy inits), then `steps` rounds
+    that run the sides in turn (A B C A B C ...) so load changes on a shared machine hit all sides alike; CUDA is
+    synchronised around every timed step."""
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for fn in sides.values():
+        fn()
+    for _ in range(steps):
+        for k, fn in sides.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t0)
+    return times
 
 
 def random_images(n: int, size: int = 128, seed: int = 0) -> list:

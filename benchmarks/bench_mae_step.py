@@ -16,20 +16,16 @@ step time are reported (on a busy shared machine the minimum is the steadier est
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
-import yaml
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 
 
 def make_images(n: int, seed: int = 0) -> list:
@@ -113,35 +109,15 @@ def lightly_step(params: dict, batch, cfg, device: torch.device):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="batch 8, 3 timed steps per side")
-    ap.add_argument("--batch", type=int, default=None, help="images per step (default: train.batch_size; quick: 8)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per side (default 10; quick 3)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--params", default=str(REPO / "params.yaml"))
-    args = ap.parse_args()
-    from dinoflow.utils import resolve_device, write_json
+    from _engine_bench import step_bench_setup, time_alternating
 
-    with open(args.params, encoding="utf-8") as fh:
-        params = yaml.safe_load(fh)
-    batch_size = args.batch or (8 if args.quick else int(params["train"]["batch_size"]))
-    steps = args.steps or (3 if args.quick else 10)
-    device = resolve_device(args.device)
+    from dinoflow.utils import write_json
+
+    args, params, batch_size, steps, device = step_bench_setup(__doc__)
     images = make_images(batch_size)
     ours, batch, cfg = dinoflow_step(params, images, device)
     sides = {"lightly": lightly_step(params, batch, cfg, device), "dinoflow": ours}
-    times: dict[str, list[float]] = {k: [] for k in sides}
-    for fn in sides.values():  # warm-up (allocations, lazy inits)
-        fn()
-    for _ in range(steps):
-        for k, fn in sides.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[k].append(time.perf_counter() - t0)
+    times = time_alternating(sides, steps, device)
     med = {k: statistics.median(v) for k, v in times.items()}
     fastest = {k: min(v) for k, v in times.items()}
     ips = {k: batch_size / v for k, v in med.items()}

@@ -16,19 +16,15 @@ median step time is reported. Results: benchmarks/results/train_step.json / .md 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import yaml
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 
 
 def dinoflow_step(params: dict, batch_size: int, device: torch.device, full: bool):
@@ -89,37 +85,17 @@ def lightly_step(params: dict, batch, device: torch.device):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="batch 8, 3 timed steps per side")
-    ap.add_argument("--batch", type=int, default=None, help="images per step (default: train.batch_size; quick: 8)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per side (default 10; quick 3)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--params", default=str(REPO / "params.yaml"))
-    args = ap.parse_args()
-    from dinoflow.utils import resolve_device, write_json
+    from _engine_bench import step_bench_setup, time_alternating
 
-    with open(args.params, encoding="utf-8") as fh:
-        params = yaml.safe_load(fh)
+    from dinoflow.utils import write_json
+
+    args, params, batch_size, steps, device = step_bench_setup(__doc__)
     params["train"]["grad_checkpointing"] = False
-    batch_size = args.batch or (8 if args.quick else int(params["train"]["batch_size"]))
-    steps = args.steps or (3 if args.quick else 10)
-    device = resolve_device(args.device)
     dino_only, batch = dinoflow_step(params, batch_size, device, full=False)
     full_recipe, _ = dinoflow_step(params, batch_size, device, full=True)
     sides = {"lightly": lightly_step(params, batch, device), "dinoflow_dino_only": dino_only,
              "dinoflow_full_recipe": full_recipe}
-    times: dict[str, list[float]] = {k: [] for k in sides}
-    for k, fn in sides.items():  # warm-up (allocations, lazy inits)
-        fn()
-    for _ in range(steps):
-        for k, fn in sides.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[k].append(time.perf_counter() - t0)
+    times = time_alternating(sides, steps, device)
     med = {k: statistics.median(v) for k, v in times.items()}
     ips = {k: batch_size / v for k, v in med.items()}
     result = {

@@ -42,7 +42,9 @@ def train_config(params: dict, batch: int):
                        global_crop_scale=tuple(t["global_crop_scale"]), local_crop_scale=tuple(t["local_crop_scale"]),
                        lr=1e-4, min_lr=1e-4, warmup_epochs=0, weight_decay=0.05, weight_decay_end=0.05,
                        clip_grad=t["clip_grad"], amp=False, compile=False, grad_checkpointing=False, log_every=1,
-                       max_steps_per_epoch=None, checkpoint_every=10_000)
+                       max_steps_per_epoch=None, checkpoint_every=10_000,
+                       evaluate_network=t["evaluate_network"], on_collapse=t["on_collapse"],
+                       drift_images=t["drift_images"])
 
 
 def encoder(params: dict):

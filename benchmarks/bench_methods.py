@@ -177,6 +177,20 @@ def cosine_momentum(step: int, total: int, start: float, end: float) -> float:
     return float(cosine_schedule(step, total, start, end))
 
 
+def two_view_step(backbone, head, criterion, train):
+    """The step of lightly's SimCLR, Barlow Twins and VICReg examples: ``criterion(head(backbone(view 0)),
+    head(backbone(view 1)))``, one backbone call per view; AdamW (`adamw`) over backbone + head."""
+    opt = adamw([backbone, head], train)
+    params = list(backbone.parameters()) + list(head.parameters())
+
+    def step(views, i, targets=None):
+        z0 = head(backbone(views[0]).flatten(start_dim=1))
+        z1 = head(backbone(views[1]).flatten(start_dim=1))
+        return finish_step(criterion(z0, z1), params, opt, train.clip_grad)
+
+    return step
+
+
 # ------------------------------------------------------------------------------------------------ lightly baselines
 # Each builder gets (backbone: timm nn.Module, cfg: the dinoflow method's parsed Config, train: TrainConfig,
 # embed_dim) and returns (step(views, step_index) -> loss, description). The loops follow lightly's examples
@@ -186,16 +200,8 @@ def lightly_simclr(backbone, cfg, train, dim):
     from lightly.models.modules import SimCLRProjectionHead
 
     head = SimCLRProjectionHead(dim, cfg.hidden_dim, cfg.out_dim)
-    criterion = NTXentLoss(temperature=cfg.temperature)
-    model = nn.ModuleDict({"backbone": backbone, "head": head})
-    opt = adamw([model], train)
-
-    def step(views, i, targets=None):
-        z0 = head(backbone(views[0]).flatten(start_dim=1))
-        z1 = head(backbone(views[1]).flatten(start_dim=1))
-        return finish_step(criterion(z0, z1), list(model.parameters()), opt, train.clip_grad)
-
-    return step, "SimCLRProjectionHead + NTXentLoss"
+    return two_view_step(backbone, head, NTXentLoss(temperature=cfg.temperature), train), \
+        "SimCLRProjectionHead + NTXentLoss"
 
 
 def lightly_moco_v2(backbone, cfg, train, dim):
@@ -313,15 +319,7 @@ def lightly_barlow_twins(backbone, cfg, train, dim):
 
     head = BarlowTwinsProjectionHead(dim, cfg.hidden_dim, cfg.out_dim)
     criterion = BarlowTwinsLoss(lambda_param=cfg.lambda_param)
-    opt = adamw([backbone, head], train)
-    params = list(backbone.parameters()) + list(head.parameters())
-
-    def step(views, i, targets=None):
-        z0 = head(backbone(views[0]).flatten(start_dim=1))
-        z1 = head(backbone(views[1]).flatten(start_dim=1))
-        return finish_step(criterion(z0, z1), params, opt, train.clip_grad)
-
-    return step, "BarlowTwinsProjectionHead + BarlowTwinsLoss"
+    return two_view_step(backbone, head, criterion, train), "BarlowTwinsProjectionHead + BarlowTwinsLoss"
 
 
 def lightly_vicreg(backbone, cfg, train, dim):
@@ -330,15 +328,7 @@ def lightly_vicreg(backbone, cfg, train, dim):
 
     head = VICRegProjectionHead(dim, cfg.hidden_dim, cfg.out_dim, num_layers=cfg.num_layers)
     criterion = VICRegLoss(lambda_param=cfg.lambda_param, mu_param=cfg.mu_param, nu_param=cfg.nu_param)
-    opt = adamw([backbone, head], train)
-    params = list(backbone.parameters()) + list(head.parameters())
-
-    def step(views, i, targets=None):
-        z0 = head(backbone(views[0]).flatten(start_dim=1))
-        z1 = head(backbone(views[1]).flatten(start_dim=1))
-        return finish_step(criterion(z0, z1), params, opt, train.clip_grad)
-
-    return step, "VICRegProjectionHead + VICRegLoss"
+    return two_view_step(backbone, head, criterion, train), "VICRegProjectionHead + VICRegLoss"
 
 
 def lightly_swav(backbone, cfg, train, dim):

@@ -7,6 +7,8 @@ import struct
 import zlib
 
 import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
 from PIL import Image
 
 
@@ -33,21 +35,28 @@ def jpeg_bytes(arr: np.ndarray, quality: int = 95, exif_orientation: int | None 
     return buf.getvalue()
 
 
-def png_bytes(im: Image.Image) -> bytes:
+def encode_image(im: Image.Image, fmt: str, **kw) -> bytes:
+    """The bytes of `im` saved by Pillow as `fmt` (keyword arguments: Pillow's save options)."""
     buf = io.BytesIO()
-    im.save(buf, "PNG")
+    im.save(buf, fmt, **kw)
     return buf.getvalue()
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+def png_bytes(im: Image.Image) -> bytes:
+    return encode_image(im, "PNG")
+
+
+def png_chunk(kind: bytes, data: bytes, crc: int | None = None) -> bytes:
+    """A PNG chunk: length, type, data, CRC-32 of type + data (or `crc` as given, to write a wrong one)."""
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF if crc is None else crc
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
 def raw_png(width: int, height: int, bit_depth: int, color_type: int, pixels: bytes | None = None) -> bytes:
     """A PNG written by hand: 16-bit RGB (Pillow cannot write it) or a header that lies about the size."""
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
     idat = zlib.compress(pixels if pixels is not None else b"\x00" * 64)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
 def rgb16_png(arr16: np.ndarray) -> bytes:
@@ -187,3 +196,12 @@ def reference_to_srgb(rgb, primaries, white_xy=D65_XY, gamma: float | None = 2.2
     lin = v ** gamma if gamma is not None else np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
     xyz = bradford(_xy_to_xyz(*white_xy), _xy_to_xyz(*D65_XY)) @ rgb_to_xyz_matrix(primaries, white_xy) @ lin
     return srgb_encode(np.linalg.solve(rgb_to_xyz_matrix(SRGB_PRIMARIES, D65_XY), xyz))
+
+
+def run_ingest(params: dict) -> tuple[pd.DataFrame, dict]:
+    """Run the ingest stage in the current workspace: (manifest as written, summary)."""
+    from dinoflow import paths
+    from dinoflow.data import ingest
+
+    summary = ingest.main(params)
+    return pq.read_table(paths.MANIFEST).to_pandas(), summary

@@ -19,7 +19,7 @@ from dinoflow import paths
 from dinoflow.data import ingest
 from dinoflow.errors import DinoflowError
 
-from data_helpers import data_params, jpeg_bytes, png_bytes, raw_png, rgb16_png, smooth_rgb
+from data_helpers import data_params, jpeg_bytes, png_bytes, raw_png, rgb16_png, run_ingest, smooth_rgb
 
 
 
@@ -101,12 +101,6 @@ def messy(tmp_path: Path, workspace: Path) -> dict:
     return params
 
 
-def run(params: dict) -> tuple[pd.DataFrame, dict]:
-    summary = ingest.main(params)
-    manifest = pq.read_table(paths.MANIFEST).to_pandas()
-    return manifest, summary
-
-
 EXPECTED_STATUS = {
     "zero": "empty_file",
     "truncated": "truncated_image",
@@ -127,7 +121,7 @@ EXPECTED_STATUS = {
 
 
 def test_every_problem_gets_its_own_status(messy):
-    manifest, summary = run(messy)
+    manifest, summary = run_ingest(messy)
     assert len(manifest) == 25 and manifest["row"].tolist() == list(range(25))  # nothing dropped
     by_id = {i: r for i, r in manifest.groupby("id", dropna=False)}
     for case, status in EXPECTED_STATUS.items():
@@ -145,7 +139,7 @@ def test_every_problem_gets_its_own_status(messy):
 
 
 def test_details_say_why(messy):
-    manifest, _ = run(messy)
+    manifest, _ = run_ingest(messy)
     detail = dict(zip(manifest["id"], manifest["detail"]))
     assert "300x300 = 90,000 pixels is over ingest.max_pixels = 50,000" in detail["big"]
     assert "100000x100000" in detail["liar"]
@@ -158,7 +152,7 @@ def test_details_say_why(messy):
 
 
 def test_conversions_are_noted_and_rows_stay_ok(messy):
-    manifest, summary = run(messy)
+    manifest, summary = run_ingest(messy)
     note = dict(zip(manifest["id"], manifest["note"]))
     assert note["cmyk"] == "cmyk->rgb"
     assert note["gray16"] == "16bit->8bit"
@@ -172,7 +166,7 @@ def test_conversions_are_noted_and_rows_stay_ok(messy):
 
 
 def test_width_height_are_the_upright_original_size(messy):
-    manifest, _ = run(messy)
+    manifest, _ = run_ingest(messy)
     size = {i: (w, h) for i, w, h in zip(manifest["id"], manifest["width"], manifest["height"])}
     assert size["ok"] == (48, 32)
     assert size["rotated"] == (20, 40)  # stored 40x20 with orientation 6: displayed portrait
@@ -181,7 +175,7 @@ def test_width_height_are_the_upright_original_size(messy):
 
 
 def test_missing_caption_and_keywords_are_normal(messy):
-    manifest, summary = run(messy)
+    manifest, summary = run_ingest(messy)
     row = manifest[manifest["id"] == "nocaption"].iloc[0]
     assert row["status"] == "ok"
     assert pd.isna(row["caption"]) and list(row["keywords"]) == []
@@ -190,7 +184,7 @@ def test_missing_caption_and_keywords_are_normal(messy):
 
 
 def test_manifest_schema(messy):
-    run(messy)
+    run_ingest(messy)
     schema = pq.read_schema(paths.MANIFEST)
     assert schema.names[:5] == ["row", "id", "path", "caption", "keywords"]
     expected = {"row": pa.int64(), "id": pa.string(), "caption": pa.string(), "keywords": pa.list_(pa.string()),
@@ -201,19 +195,19 @@ def test_manifest_schema(messy):
 
 
 def test_unknown_columns_are_reported_and_dropped_or_kept(messy):
-    manifest, summary = run(messy)
+    manifest, summary = run_ingest(messy)
     assert summary["unknown_columns"] == ["photographer"] and summary["unknown_columns_kept"] is False
     assert "photographer" not in manifest.columns
     params = copy.deepcopy(messy)
     params["ingest"]["allow_unknown_columns"] = True
-    manifest, summary = run(params)
+    manifest, summary = run_ingest(params)
     assert summary["unknown_columns_kept"] is True
     assert set(manifest["photographer"].dropna()) == {"someone"}
 
 
 def test_summary_line_on_stdout(messy, capsys):
     """One line on stdout: rows kept / skipped per status and where to read more (Snakemake shows stdout)."""
-    _, summary = run(messy)
+    _, summary = run_ingest(messy)
     out = capsys.readouterr().out.splitlines()
     assert out == [ingest.summary_line(summary)]
     skipped = {k: v for k, v in summary["by_status"].items() if k != "ok"}
@@ -238,7 +232,7 @@ def test_too_many_skipped_fails_with_counts_and_manifest(messy, capsys):
 def test_clean_collection_is_all_ok(tiny_collection, workspace):
     params = data_params(tiny_collection)
     params["ingest"]["workers"] = 1
-    manifest, summary = run(params)
+    manifest, summary = run_ingest(params)
     assert summary["by_status"] == {"ok": 24}
     assert ingest.summary_line(summary).startswith("ingest: 24 rows, 24 ok, 0 skipped; per row: ")
     assert summary["ok_without_caption"] == 4  # missing_text_every=6 in the fixture
@@ -246,9 +240,9 @@ def test_clean_collection_is_all_ok(tiny_collection, workspace):
 
 
 def test_process_pool_gives_the_same_manifest(messy):
-    serial, _ = run(messy)
+    serial, _ = run_ingest(messy)
     messy["ingest"]["workers"] = 2
-    pooled, _ = run(messy)
+    pooled, _ = run_ingest(messy)
     pd.testing.assert_frame_equal(serial, pooled)
 
 
@@ -266,7 +260,7 @@ def test_jsonl_with_a_broken_line(tiny_collection, workspace, tmp_path):
     meta.write_text("\n".join(lines) + "\n", encoding="utf-8")
     params = data_params({**tiny_collection, "metadata": str(meta)})
     params["ingest"]["max_skipped_fraction"] = 0.5
-    manifest, summary = run(params)
+    manifest, summary = run_ingest(params)
     assert manifest["status"].tolist() == ["ok", "unreadable_row", "ok", "ok"]
     assert manifest["detail"][1].startswith("line 2: not a JSON object")
 
@@ -274,6 +268,6 @@ def test_jsonl_with_a_broken_line(tiny_collection, workspace, tmp_path):
 def test_group_column_is_kept_in_the_manifest_not_reported_unknown(messy):
     params = copy.deepcopy(messy)
     params["collection"]["group_column"] = "photographer"
-    manifest, summary = run(params)
+    manifest, summary = run_ingest(params)
     assert summary["unknown_columns"] == []
     assert set(manifest["photographer"].dropna()) == {"someone"}

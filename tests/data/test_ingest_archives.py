@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from dinoflow import paths
@@ -22,16 +21,11 @@ from dinoflow.data.ingest import jpeg_problem
 from dinoflow.data.store import ImageStore
 
 from data_helpers import (ADOBE_RGB_PRIMARIES, D50_XY, PROPHOTO_PRIMARIES, SRGB_PRIMARIES, cmyk_icc, data_params,
-                          gray_icc, jpeg_bytes, rgb_icc, reference_to_srgb, smooth_rgb, srgb_encode)
+                          encode_image, gray_icc, jpeg_bytes, rgb_icc, reference_to_srgb, run_ingest, smooth_rgb,
+                          srgb_encode)
 
 ADOBE = rgb_icc("Adobe RGB (1998)", ADOBE_RGB_PRIMARIES, gamma=563 / 256)
 PROPHOTO = rgb_icc("ProPhoto RGB", PROPHOTO_PRIMARIES, white_xy=D50_XY, gamma=1.8)
-
-
-def save(im: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 def collection(root: Path, files: dict[str, bytes], rows: list[dict] | None = None, fmt: str = "csv") -> dict:
@@ -53,11 +47,6 @@ def collection(root: Path, files: dict[str, bytes], rows: list[dict] | None = No
     return params
 
 
-def run(params: dict) -> tuple[pd.DataFrame, dict]:
-    summary = ingest.main(params)
-    return pq.read_table(paths.MANIFEST).to_pandas(), summary
-
-
 def by_id(manifest: pd.DataFrame) -> dict[str, pd.Series]:
     return {r["id"]: r for _, r in manifest.iterrows()}
 
@@ -67,10 +56,10 @@ def by_id(manifest: pd.DataFrame) -> dict[str, pd.Series]:
 
 def test_19_digit_ids_and_a_null_id_end_to_end(tmp_path, workspace):
     ids = [1344800117571260417, 1344800117571260419, 1344800117571260420]
-    png = save(Image.new("RGB", (8, 8)), "PNG")
+    png = encode_image(Image.new("RGB", (8, 8)), "PNG")
     rows = [{"id": i, "path": f"{k}.png"} for k, i in enumerate(ids)] + [{"id": None, "path": "0.png"}]
     params = collection(tmp_path, {f"{k}.png": png for k in range(3)}, rows, fmt="jsonl")
-    manifest, summary = run(params)
+    manifest, summary = run_ingest(params)
     assert pq.read_table(paths.MANIFEST).column("id").to_pylist() == [str(i) for i in ids] + [None]
     assert manifest["status"].tolist() == ["ok", "ok", "ok", "missing_id"]  # no false duplicate_id
     assert manifest["detail"][3] == "row 3: the id is empty"
@@ -79,17 +68,17 @@ def test_19_digit_ids_and_a_null_id_end_to_end(tmp_path, workspace):
 
 
 def test_spreadsheet_rounded_ids_are_duplicates_with_a_hint(tmp_path, workspace):
-    png = save(Image.new("RGB", (8, 8)), "PNG")
+    png = encode_image(Image.new("RGB", (8, 8)), "PNG")
     rows = [{"id": "1.3448E+18", "path": "a.png"}, {"id": "1.3448E+18", "path": "b.png"}]
-    manifest, _ = run(collection(tmp_path, {"a.png": png, "b.png": png}, rows))
+    manifest, _ = run_ingest(collection(tmp_path, {"a.png": png, "b.png": png}, rows))
     assert manifest["status"].tolist() == ["ok", "duplicate_id"]
     assert "scientific notation" in manifest["detail"][1] and "row 0" in manifest["detail"][1]
 
 
 def test_invalid_ids_get_their_own_status(tmp_path, workspace):
-    png = save(Image.new("RGB", (8, 8)), "PNG")
+    png = encode_image(Image.new("RGB", (8, 8)), "PNG")
     rows = [{"id": ["a", "b"], "path": "a.png"}, {"id": "007", "path": "a.png"}]
-    manifest, summary = run(collection(tmp_path, {"a.png": png}, rows, fmt="jsonl"))
+    manifest, summary = run_ingest(collection(tmp_path, {"a.png": png}, rows, fmt="jsonl"))
     assert manifest["status"].tolist() == ["invalid_id", "ok"]
     assert manifest["id"][1] == "007" and "not a single value" in manifest["detail"][0]
     assert summary["by_status"] == {"invalid_id": 1, "ok": 1}
@@ -104,21 +93,21 @@ def test_icc_profiles_are_converted_to_srgb_and_noted(tmp_path, workspace):
                for y in (0, 1) for k in (0, 1)}
     corners[(0, 1, 1, 0)] = (200, 30, 40)  # this press's "red"
     files = {
-        "adobe.png": save(flat, "PNG", icc_profile=ADOBE),
-        "prophoto.tif": save(flat, "TIFF", icc_profile=PROPHOTO),
-        "adobe.jpg": save(flat, "JPEG", quality=100, subsampling=0, icc_profile=ADOBE),
-        "srgb.png": save(flat, "PNG", icc_profile=rgb_icc("some sRGB", SRGB_PRIMARIES, gamma=None)),
-        "cmyk.jpg": save(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=100,
+        "adobe.png": encode_image(flat, "PNG", icc_profile=ADOBE),
+        "prophoto.tif": encode_image(flat, "TIFF", icc_profile=PROPHOTO),
+        "adobe.jpg": encode_image(flat, "JPEG", quality=100, subsampling=0, icc_profile=ADOBE),
+        "srgb.png": encode_image(flat, "PNG", icc_profile=rgb_icc("some sRGB", SRGB_PRIMARIES, gamma=None)),
+        "cmyk.jpg": encode_image(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=100,
                          icc_profile=cmyk_icc("Test press", corners)),
-        "gray.png": save(Image.new("L", (16, 16), 128), "PNG", icc_profile=gray_icc("Gray linear", 1.0)),
-        "alpha.png": save(Image.new("RGBA", (16, 16), (180, 120, 90, 255)), "PNG", icc_profile=ADOBE),
-        "broken.png": save(flat, "PNG", icc_profile=b"not a profile" * 20),
-        "mismatch.png": save(flat, "PNG", icc_profile=gray_icc("Gray", 2.2)),
-        "plain.png": save(flat, "PNG"),
+        "gray.png": encode_image(Image.new("L", (16, 16), 128), "PNG", icc_profile=gray_icc("Gray linear", 1.0)),
+        "alpha.png": encode_image(Image.new("RGBA", (16, 16), (180, 120, 90, 255)), "PNG", icc_profile=ADOBE),
+        "broken.png": encode_image(flat, "PNG", icc_profile=b"not a profile" * 20),
+        "mismatch.png": encode_image(flat, "PNG", icc_profile=gray_icc("Gray", 2.2)),
+        "plain.png": encode_image(flat, "PNG"),
     }
     params = collection(tmp_path, files, [{"id": n.split(".")[0] + ("_jpg" if n == "adobe.jpg" else ""),
                                             "path": n} for n in files])
-    manifest, summary = run(params)
+    manifest, summary = run_ingest(params)
     rows = by_id(manifest)
     assert set(manifest["status"]) == {"ok"}  # a colour problem never drops an image
     assert rows["adobe"]["note"] == rows["adobe_jpg"]["note"] == "icc->srgb:Adobe RGB (1998)"
@@ -154,17 +143,17 @@ def test_uncalibrated_exif_colour_space_without_a_profile_is_noted(tmp_path):
     exif = Image.Exif()
     exif.get_ifd(0x8769)[0xA001] = 0xFFFF  # ColorSpace: uncalibrated (a camera in Adobe RGB mode)
     path = tmp_path / "a.jpg"
-    path.write_bytes(save(Image.new("RGB", (8, 8), (180, 120, 90)), "JPEG", exif=exif))
+    path.write_bytes(encode_image(Image.new("RGB", (8, 8), (180, 120, 90)), "JPEG", exif=exif))
     assert preprocess.open_rgb(path)[1] == ["colorspace-uncalibrated"]
     exif.get_ifd(0x8769)[0xA001] = 1  # sRGB
-    path.write_bytes(save(Image.new("RGB", (8, 8), (180, 120, 90)), "JPEG", exif=exif))
+    path.write_bytes(encode_image(Image.new("RGB", (8, 8), (180, 120, 90)), "JPEG", exif=exif))
     assert preprocess.open_rgb(path)[1] == []
 
 
 def test_jpeg_with_a_profile_reaches_the_model_converted(tmp_path):
     """The brief's example: (180, 120, 90) in an Adobe RGB JPEG is (199, 122, 89) on a colour-managed screen."""
     path = tmp_path / "a.jpg"
-    path.write_bytes(save(Image.new("RGB", (64, 64), (180, 120, 90)), "JPEG", quality=95, icc_profile=ADOBE))
+    path.write_bytes(encode_image(Image.new("RGB", (64, 64), (180, 120, 90)), "JPEG", quality=95, icc_profile=ADOBE))
     with Image.open(path) as raw:
         stored = np.asarray(raw.convert("RGB"))[32, 32]  # JPEG rounding: about (180, 121, 91)
     expected = reference_to_srgb(stored, ADOBE_RGB_PRIMARIES, gamma=563 / 256)
@@ -178,7 +167,7 @@ def test_jpeg_with_a_profile_reaches_the_model_converted(tmp_path):
 
 def noisy_jpeg(progressive: bool = False) -> bytes:
     arr = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
-    return save(Image.fromarray(arr), "JPEG", quality=90, progressive=progressive)
+    return encode_image(Image.fromarray(arr), "JPEG", quality=90, progressive=progressive)
 
 
 def overwrite(data: bytes, n: int, random: bool) -> bytes:
@@ -191,7 +180,7 @@ def overwrite(data: bytes, n: int, random: bool) -> bytes:
 
 def png_with_bad_crc() -> bytes:
     """Valid zlib data, wrong IDAT checksum: Pillow decodes it without complaint (only verify() checks)."""
-    data = bytearray(save(Image.fromarray(smooth_rgb(32, 32)), "PNG"))
+    data = bytearray(encode_image(Image.fromarray(smooth_rgb(32, 32)), "PNG"))
     idat = data.find(b"IDAT")
     length = struct.unpack(">I", data[idat - 4:idat])[0]
     crc_at = idat + 4 + length
@@ -202,7 +191,7 @@ def png_with_bad_crc() -> bytes:
 def damaged_files() -> dict[str, bytes]:
     good = noisy_jpeg()
     assert good.endswith(b"\xff\xd9")
-    webp = save(Image.fromarray(smooth_rgb(64, 64)), "WEBP", quality=90)
+    webp = encode_image(Image.fromarray(smooth_rgb(64, 64)), "WEBP", quality=90)
     grown = bytearray(webp)
     grown[16:20] = struct.pack("<I", struct.unpack("<I", webp[16:20])[0] + 4000)  # VP8 chunk claims more
     return {
@@ -231,16 +220,6 @@ EXPECTED_DAMAGE = {
 }
 
 
-@pytest.fixture(params=["simplejpeg", "torchvision"])
-def jpeg_backend(request, monkeypatch):
-    """Both strict JPEG paths: simplejpeg when installed, else (and always) torchvision's libjpeg."""
-    if request.param == "simplejpeg":
-        pytest.importorskip("simplejpeg")
-    else:
-        monkeypatch.setattr(ingest, "jpeg_problem", ingest._jpeg_problem_torchvision)
-    return request.param
-
-
 def test_damaged_images_are_corrupt_with_the_decoders_message(tmp_path, workspace, jpeg_backend):
     files = damaged_files()
     # Pillow alone accepts the zeroed JPEGs and the bad-CRC PNG: the case this check exists for.
@@ -248,7 +227,7 @@ def test_damaged_images_are_corrupt_with_the_decoders_message(tmp_path, workspac
         Image.open(io.BytesIO(files[name])).load()
     ids = {Path(n).stem + ("_webp" if n.endswith(".webp") else "") for n in files}
     rows = [{"id": Path(n).stem + ("_webp" if n.endswith(".webp") else ""), "path": n} for n in files]
-    manifest, summary = run(collection(tmp_path, files, rows))
+    manifest, summary = run_ingest(collection(tmp_path, files, rows))
     rows_by_id = by_id(manifest)
     assert set(rows_by_id) == ids and len(manifest) == len(files)
     assert rows_by_id["good_webp"]["status"] == "ok"
@@ -273,11 +252,11 @@ def test_jpeg_problem_names_libjpegs_complaint(jpeg_backend):
 
 def test_multi_frame_files_say_which_frame_is_used(tmp_path, workspace):
     frames = [Image.new("RGB", (16, 16), c) for c in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]]
-    files = {f"anim.{ext}": save(frames[0], fmt, save_all=True, append_images=frames[1:])
+    files = {f"anim.{ext}": encode_image(frames[0], fmt, save_all=True, append_images=frames[1:])
              for ext, fmt in [("gif", "GIF"), ("webp", "WEBP"), ("mpo", "MPO"), ("png", "PNG")]}
     rows = [{"id": n.replace(".", "_"), "path": n} for n in files]
     params = collection(tmp_path, files, rows)
-    manifest, summary = run(params)
+    manifest, summary = run_ingest(params)
     assert manifest["status"].tolist() == ["ok"] * 4
     assert manifest["note"].tolist() == ["frame:1/3;palette->rgb"] + ["frame:1/3"] * 3  # GIF: a palette image
     assert summary["notes"] == {"frame": 4, "palette->rgb": 1}
@@ -296,14 +275,14 @@ def nfd(text: str) -> str:
 
 
 def test_nfd_file_names_match_an_nfc_table(tmp_path, workspace):
-    png = save(Image.new("RGB", (8, 8), (10, 20, 30)), "PNG")
+    png = encode_image(Image.new("RGB", (8, 8), (10, 20, 30)), "PNG")
     names = [f"café_{i}.png" for i in range(4)]
     files = {nfd(n): png for n in names[:3]} | {names[3]: png}  # three stored NFD (macOS), one NFC
     files[nfd("Montréal") + "/" + nfd("été.png")] = png  # a decomposed folder too
     rows = [{"id": f"r{i}", "path": n} for i, n in enumerate(names)] + [{"id": "r4", "path": "Montréal/été.png"}]
     assert all(unicodedata.is_normalized("NFC", r["path"]) for r in rows)
     params = collection(tmp_path, files, rows)
-    manifest, summary = run(params)
+    manifest, summary = run_ingest(params)
     assert manifest["status"].tolist() == ["ok"] * 5
     assert manifest["path"].tolist() == [r["path"] for r in rows]  # the table's text, unchanged
     assert manifest["file"].tolist() == [nfd(n) for n in names[:3]] + [names[3], nfd("Montréal/été.png")]
@@ -314,12 +293,12 @@ def test_nfd_file_names_match_an_nfc_table(tmp_path, workspace):
 
 
 def test_missing_files_name_their_near_matches(tmp_path, workspace):
-    png = save(Image.new("RGB", (8, 8)), "PNG")
+    png = encode_image(Image.new("RGB", (8, 8)), "PNG")
     files = {"Photo.PNG": png, "scan.jpeg": jpeg_bytes(smooth_rgb(8, 8)), "ｗｉｄｅ.png": png, "other.png": png}
     rows = [{"id": "case", "path": "photo.png"}, {"id": "ext", "path": "scan.jpg"},
             {"id": "wide", "path": "wide.png"}, {"id": "none", "path": "nothing.png"},
             {"id": "folder", "path": "nofolder/x.png"}]
-    manifest, summary = run(collection(tmp_path, files, rows))
+    manifest, summary = run_ingest(collection(tmp_path, files, rows))
     assert manifest["status"].tolist() == ["missing_file"] * 5
     detail = dict(zip(manifest["id"], manifest["detail"]))
     assert "near match: 'Photo.PNG' (differs in letter case)" in detail["case"]
@@ -331,11 +310,11 @@ def test_missing_files_name_their_near_matches(tmp_path, workspace):
 
 
 def test_ambiguous_normalisation_is_not_guessed(tmp_path, workspace):
-    png = save(Image.new("RGB", (8, 8)), "PNG")
+    png = encode_image(Image.new("RGB", (8, 8)), "PNG")
     files = {"café.png": png, nfd("café.png"): png}
     rows = [{"id": "nfc", "path": "café.png"}, {"id": "nfd", "path": nfd("café.png")},
             {"id": "other", "path": unicodedata.normalize("NFC", "cafe\u0301\u0301.png")}]
-    manifest, _ = run(collection(tmp_path, files, rows))
+    manifest, _ = run_ingest(collection(tmp_path, files, rows))
     # Each exact name is used as is; neither is a normalisation guess.
     assert manifest["status"].tolist()[:2] == ["ok", "ok"] and manifest["note"].tolist()[:2] == ["", ""]
     assert manifest["file"].tolist()[:2] == ["café.png", nfd("café.png")]
@@ -352,13 +331,13 @@ def test_every_status_and_note_code_is_documented_for_curators():
 
 def test_notes_written_are_documented(tmp_path, workspace):
     frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 255, 0)]]
-    files = {"a.gif": save(frames[0], "GIF", save_all=True, append_images=frames[1:]),
-             nfd("é.png"): save(Image.new("RGBA", (8, 8)), "PNG", icc_profile=ADOBE),
-             "c.jpg": save(Image.new("CMYK", (8, 8)), "JPEG"),
-             "d.png": save(Image.new("RGB", (8, 8)), "PNG", icc_profile=b"x" * 64)}
+    files = {"a.gif": encode_image(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+             nfd("é.png"): encode_image(Image.new("RGBA", (8, 8)), "PNG", icc_profile=ADOBE),
+             "c.jpg": encode_image(Image.new("CMYK", (8, 8)), "JPEG"),
+             "d.png": encode_image(Image.new("RGB", (8, 8)), "PNG", icc_profile=b"x" * 64)}
     rows = [{"id": "a", "path": "a.gif", "keywords": "['x', 'y']"}, {"id": " b", "path": "é.png", "keywords": "[x"},
             {"id": "c", "path": "c.jpg", "keywords": "[x]"}, {"id": "d", "path": "d.png", "keywords": ""}]
-    manifest, summary = run(collection(tmp_path, files, rows))
+    manifest, summary = run_ingest(collection(tmp_path, files, rows))
     assert set(manifest["status"]) == {"ok"}
     assert set(summary["notes"]) <= set(ingest.NOTES) and len(summary["notes"]) >= 7
     assert summary["notes"]["keywords-unparsed-list"] == 1 and summary["notes"]["id-whitespace-stripped"] == 1

@@ -5,35 +5,26 @@ says what happened."""
 
 from __future__ import annotations
 
-import io
 import json
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from dinoflow import paths
-from dinoflow.data import ingest, preprocess
+from dinoflow.data import preprocess
 from dinoflow.data.collection import read_metadata
 from dinoflow.data.preprocess import open_rgb
 from dinoflow.errors import DinoflowError
 
-from data_helpers import data_params, jpeg_bytes, png_bytes, smooth_rgb
+from data_helpers import data_params, encode_image, jpeg_bytes, png_bytes, png_chunk, run_ingest, smooth_rgb
 
 
-def save(im: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-PNG = save(Image.new("RGB", (8, 8), (200, 10, 10)), "PNG")
+PNG = encode_image(Image.new("RGB", (8, 8), (200, 10, 10)), "PNG")
 
 
 def write_collection(root: Path, files: dict[str, bytes], meta_name: str, meta: bytes, **ingest_cfg) -> dict:
@@ -54,16 +45,6 @@ def jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
 
-def run(params: dict) -> tuple[pd.DataFrame, dict]:
-    summary = ingest.main(params)
-    return pq.read_table(paths.MANIFEST).to_pandas(), summary
-
-
-def _chunk(kind: bytes, data: bytes, crc: int | None = None) -> bytes:
-    crc = zlib.crc32(kind + data) & 0xFFFFFFFF if crc is None else crc
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-
 # ------------------------------------------------------------------------------------------- the table
 
 
@@ -75,7 +56,7 @@ def test_lone_surrogate_escapes_in_json_are_a_row_status_not_a_crash(tmp_path, w
             b'{"id": "b\\udc80", "path": "a.png"}\n'
             b'{"id": "c", "path": "a.png", "caption": "ok \\ud83d\\ude00"}\n')
     params = write_collection(tmp_path, {"a.png": PNG}, "m.jsonl", meta)
-    manifest, summary = run(params)
+    manifest, summary = run_ingest(params)
     assert manifest["status"].tolist() == ["invalid_utf8", "invalid_utf8", "ok"]
     assert "lone surrogate" in manifest["detail"][0] and "'caption'" in manifest["detail"][0]
     assert "line 1" in manifest["detail"][0] and "U+D83D" in manifest["detail"][0]
@@ -239,7 +220,7 @@ def test_unknown_columns_holding_lists_and_objects_are_kept_as_json(tmp_path, wo
     rows = [{"id": "a", "path": "a.png", "tags": [1, "x"], "obj": {"k": "v"}},
             {"id": "b", "path": "a.png", "tags": None, "obj": None}]
     params = write_collection(tmp_path, {"a.png": PNG}, "m.jsonl", jsonl(rows), allow_unknown_columns=True)
-    run(params)
+    run_ingest(params)
     table = pq.read_table(paths.MANIFEST)
     assert table.column("tags").to_pylist() == ['[1, "x"]', None]  # numbers as written
     assert json.loads(table.column("obj")[0].as_py()) == {"k": "v"} and table.column("obj")[1].as_py() is None
@@ -265,7 +246,7 @@ def test_keyword_cells_holding_json_structures_are_never_python_reprs(tmp_path, 
 def test_windows_backslash_paths_are_matched_and_noted(tmp_path, workspace):
     rows = [{"id": "a", "path": "sub\\a.png"}, {"id": "b", "path": "sub/a.png"}, {"id": "c", "path": "sub\\zz.png"}]
     params = write_collection(tmp_path, {"sub/a.png": PNG}, "m.jsonl", jsonl(rows))
-    manifest, summary = run(params)
+    manifest, summary = run_ingest(params)
     assert manifest["status"].tolist() == ["ok", "ok", "missing_file"]
     assert manifest["file"][0] == "sub/a.png" and manifest["path"][0] == "sub\\a.png"
     assert "path-backslashes" in manifest["note"][0] and manifest["note"][1].startswith("duplicate-file:")
@@ -277,7 +258,7 @@ def test_windows_backslash_paths_are_matched_and_noted(tmp_path, workspace):
 def test_a_file_named_with_a_backslash_on_disk_is_used_as_written(tmp_path, workspace):
     rows = [{"id": "a", "path": "x\\y.png"}]
     params = write_collection(tmp_path, {"x\\y.png": PNG, "x/y.png": PNG}, "m.jsonl", jsonl(rows))
-    manifest, _ = run(params)
+    manifest, _ = run_ingest(params)
     assert manifest["status"].tolist() == ["ok"] and manifest["file"][0] == "x\\y.png" and manifest["note"][0] == ""
 
 
@@ -285,7 +266,7 @@ def test_urls_and_percent_encoded_names_are_explained(tmp_path, workspace):
     rows = [{"id": "a", "path": "https://example.org/img/a.png"}, {"id": "b", "path": "file:///data/a.png"},
             {"id": "c", "path": "my%20caf%C3%A9.png"}]
     params = write_collection(tmp_path, {"my café.png": PNG}, "m.jsonl", jsonl(rows))
-    manifest, summary = run(params)
+    manifest, summary = run_ingest(params)
     assert manifest["status"].tolist() == ["path_outside_images_dir", "path_outside_images_dir", "missing_file"]
     assert "is a URL" in manifest["detail"][0] and "is a URL" in manifest["detail"][1]
     assert "'my café.png'" in manifest["detail"][2] and "percent-encoded" in manifest["detail"][2]
@@ -295,7 +276,7 @@ def test_urls_and_percent_encoded_names_are_explained(tmp_path, workspace):
 def test_a_path_that_repeats_the_image_folder_is_explained(tmp_path, workspace):
     rows = [{"id": "a", "path": "images/sub/a.png"}, {"id": "b", "path": "images\\sub\\a.png"}]
     params = write_collection(tmp_path, {"sub/a.png": PNG}, "m.jsonl", jsonl(rows))
-    manifest, summary = run(params)
+    manifest, summary = run_ingest(params)
     assert manifest["status"].tolist() == ["missing_file", "missing_file"]
     assert all("'sub/a.png' exists" in d and "image folder's own name 'images'" in d for d in manifest["detail"])
     assert summary["missing_file_with_near_match"] == 2
@@ -307,7 +288,7 @@ def test_rows_naming_the_same_file_are_noted(tmp_path, workspace):
     rows = [{"id": "a", "path": "a.png"}, {"id": "b", "path": "b.png"}, {"id": "c", "path": "./a.png"},
             {"id": "d", "path": "sub/../a.png"}, {"id": "e", "path": "a.png"}]
     params = write_collection(tmp_path, {"a.png": PNG, "b.png": PNG, "sub/x.png": PNG}, "m.jsonl", jsonl(rows))
-    manifest, summary = run(params)
+    manifest, summary = run_ingest(params)
     assert manifest["status"].tolist() == ["ok"] * 5
     assert manifest["note"].tolist() == ["", "", "duplicate-file:row 0", "duplicate-file:row 0",
                                          "duplicate-file:row 0"]
@@ -317,7 +298,7 @@ def test_rows_naming_the_same_file_are_noted(tmp_path, workspace):
 def test_invisible_characters_in_a_path_are_named(tmp_path, workspace):
     rows = [{"id": "a", "path": "a\u200b.png"}]
     params = write_collection(tmp_path, {"a.png": PNG}, "m.jsonl", jsonl(rows))
-    manifest, _ = run(params)
+    manifest, _ = run_ingest(params)
     assert manifest["status"].tolist() == ["missing_file"]
     assert "'a.png'" in manifest["detail"][0] and "U+200B" in manifest["detail"][0]
 
@@ -327,22 +308,12 @@ def test_invisible_characters_in_a_path_are_named(tmp_path, workspace):
 
 def test_png_with_a_bad_crc_in_an_ancillary_chunk_is_corrupt_not_an_unknown_format(tmp_path, workspace):
     good = png_bytes(Image.fromarray(smooth_rgb(16, 16)))
-    text = _chunk(b"tEXt", b"Comment\0hello", crc=0)
+    text = png_chunk(b"tEXt", b"Comment\0hello", crc=0)
     files = {"text_crc.png": good[:33] + text + good[33:]}
     rows = [{"id": "a", "path": "text_crc.png"}]
-    manifest, _ = run(write_collection(tmp_path, files, "m.jsonl", jsonl(rows)))
+    manifest, _ = run_ingest(write_collection(tmp_path, files, "m.jsonl", jsonl(rows)))
     assert manifest["status"].tolist() == ["corrupt_image"]
     assert "tEXt" in manifest["detail"][0] and "CRC" in manifest["detail"][0]
-
-
-@pytest.fixture(params=["simplejpeg", "torchvision"])
-def jpeg_backend(request, monkeypatch):
-    """Both strict JPEG paths (as in test_ingest_archives)."""
-    if request.param == "simplejpeg":
-        pytest.importorskip("simplejpeg")
-    else:
-        monkeypatch.setattr(ingest, "jpeg_problem", ingest._jpeg_problem_torchvision)
-    return request.param
 
 
 def test_files_cut_at_the_end_say_so(tmp_path, workspace, jpeg_backend):
@@ -350,7 +321,7 @@ def test_files_cut_at_the_end_say_so(tmp_path, workspace, jpeg_backend):
     j, p = jpeg_bytes(noisy), png_bytes(Image.fromarray(noisy))
     files = {"no_eoi.jpg": j[:-2], "half.jpg": j[:len(j) // 2], "no_iend.png": p[:-12]}
     rows = [{"id": k, "path": k} for k in files]
-    manifest, _ = run(write_collection(tmp_path, files, "m.jsonl", jsonl(rows)))
+    manifest, _ = run_ingest(write_collection(tmp_path, files, "m.jsonl", jsonl(rows)))
     assert manifest["status"].tolist() == ["truncated_image"] * 3
     assert "only the 2-byte end-of-image marker is missing" in manifest["detail"][0]
     assert "end-of-image marker" not in manifest["detail"][1]
@@ -364,7 +335,7 @@ def test_image_formats_pillow_cannot_decode_are_named(tmp_path, workspace):
              "photo.jpg": b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64,
              "page.jpg": b"<!DOCTYPE html><html>404</html>"}
     rows = [{"id": k, "path": k} for k in files]
-    manifest, _ = run(write_collection(tmp_path, files, "m.jsonl", jsonl(rows)))
+    manifest, _ = run_ingest(write_collection(tmp_path, files, "m.jsonl", jsonl(rows)))
     assert manifest["status"].tolist() == ["corrupt_image", "not_an_image", "not_an_image"]
     assert "JPEG" in manifest["detail"][0]
     assert "HEIF" in manifest["detail"][1]
@@ -403,7 +374,7 @@ def test_ids_that_differ_only_in_unicode_normalisation_are_duplicates(tmp_path, 
     nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
     rows = [{"id": nfc, "path": "a.png"}, {"id": nfd, "path": "b.png"}, {"id": "Café", "path": "b.png"}]
     params = write_collection(tmp_path, {"a.png": PNG, "b.png": PNG}, "m.jsonl", jsonl(rows))
-    manifest, _ = run(params)
+    manifest, _ = run_ingest(params)
     assert manifest["status"].tolist() == ["ok", "duplicate_id", "ok"]  # letter case is a different id
     assert manifest["id"][1] == nfd  # kept as written
     assert "row 0" in manifest["detail"][1] and "NFC/NFD" in manifest["detail"][1]
@@ -433,7 +404,7 @@ def test_a_file_that_cannot_be_read_is_not_called_corrupt(tmp_path, workspace, m
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", refusing_open)
-    manifest, _ = run(params)
+    manifest, _ = run_ingest(params)
     assert manifest["status"].tolist() == ["unreadable_file", "ok"]
     assert "Permission denied" in manifest["detail"][0] and "a.png" in manifest["detail"][0]
 

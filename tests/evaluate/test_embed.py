@@ -37,18 +37,11 @@ def test_eval_transform_matches_timm():
 
 
 @pytest.fixture
-def embedded(tiny_workspace, monkeypatch):
+def embedded(random_model_workspace):
     """Ingest + preprocess the tiny collection, save the random model, run `dinoflow embed`."""
-    from dinoflow.data import ingest, preprocess
     from dinoflow.evaluate import embed
-    from dinoflow.models.factory import create_encoder, save_encoder
 
-    monkeypatch.chdir(tiny_workspace)
-    params = load_params("params.yaml")
-    ingest.main(params)
-    preprocess.main(params)
-    encoder, info = create_encoder(params, "random")
-    save_encoder(encoder, paths.model_weights("random"), info)
+    params, encoder = random_model_workspace
     embed.main(params, model="random")
     return params, encoder
 

@@ -15,7 +15,6 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from dinoflow import paths
-from dinoflow.config import load_params
 from dinoflow.errors import DinoflowError
 from dinoflow.evaluate import align, neighbours, probes, text
 from dinoflow.evaluate.neighbours import neighbours_table
@@ -141,17 +140,8 @@ def test_text_embeddings_with_nan_are_not_written(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def processed(tiny_workspace, monkeypatch):
-    from dinoflow.data import ingest, preprocess
-    from dinoflow.models.factory import create_encoder, save_encoder
-
-    monkeypatch.chdir(tiny_workspace)
-    params = load_params("params.yaml")
-    ingest.main(params)
-    preprocess.main(params)
-    encoder, info = create_encoder(params, "random")
-    save_encoder(encoder, paths.model_weights("random"), info)
-    return params
+def processed(random_model_workspace):
+    return random_model_workspace[0]
 
 
 def test_embed_stops_on_diverged_weights_and_on_nan_outputs(processed, monkeypatch):

@@ -76,6 +76,20 @@ def hide_axes(ax) -> None:
 
 
 # -------------------------------------------------------------------------------------------- training curves
+def panel_grid(n: int, max_cols: int, panel_width: float, panel_height: float,
+               title_height: float) -> tuple[Figure, list]:
+    """A figure for `n` small panels, at most `max_cols` a row, each `panel_width` x `panel_height` inches, plus
+    `title_height` inches for the suptitle: (figure, the first `n` axes in reading order); the grid's unused
+    axes are hidden."""
+    ncols = min(max_cols, max(1, n))
+    nrows = max(1, math.ceil(n / ncols))
+    fig = new_figure(panel_width * ncols, panel_height * nrows + title_height)
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
 def read_dvclive_curves(log_dir: str | Path) -> dict[str, pd.DataFrame]:
     """All step series of a dvclive directory: {metric name: DataFrame(step, value)}.
 
@@ -104,19 +118,14 @@ def training_curves_figure(model: str, curves: Mapping[str, pd.DataFrame], title
                            max_panels: int = 24) -> Figure:
     """One small panel per logged series (losses first), for one model."""
     names = sorted(curves, key=lambda n: (0 if "loss" in n.lower() else 1, n))[:max_panels]
-    ncols = min(4, max(1, len(names)))
-    nrows = max(1, math.ceil(len(names) / ncols))
-    fig = new_figure(3.2 * ncols, 2.4 * nrows + 0.4)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for ax, name in zip(axes.flat, names):
+    fig, axes = panel_grid(len(names), 4, 3.2, 2.4, 0.4)
+    for ax, name in zip(axes, names):
         df = curves[name]
         ax.plot(df["step"], df["value"], lw=1.2)
         ax.set_title(name, fontsize=9, parse_math=False)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
-        ax.set_visible(False)
     fig.suptitle(title or model, fontsize=11, parse_math=False)
     fig.tight_layout()
     return fig
@@ -140,11 +149,8 @@ def method_curves_figure(curves_by_model: Mapping[str, Mapping[str, pd.DataFrame
     the step. The total loss is drawn thick, components thin with a legend; a model without a loss series gets
     an empty panel saying so. `titles`: panel title per model (default: the model name)."""
     models = list(curves_by_model)
-    ncols = min(ncols, max(1, len(models)))
-    nrows = max(1, math.ceil(len(models) / ncols))
-    fig = new_figure(3.0 * ncols, 2.3 * nrows + 0.5)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for ax, model in zip(axes.flat, models):
+    fig, axes = panel_grid(len(models), ncols, 3.0, 2.3, 0.5)
+    for ax, model in zip(axes, models):
         curves = curves_by_model[model]
         names = sorted((n for n in curves if is_loss_curve(n)), key=loss_sort_key)
         for n in names:
@@ -159,8 +165,6 @@ def method_curves_figure(curves_by_model: Mapping[str, Mapping[str, pd.DataFrame
         ax.set_xlabel("step", fontsize=7)
         ax.tick_params(labelsize=6)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(models):]:
-        ax.set_visible(False)
     fig.suptitle("training loss per method (and its components)", fontsize=10)
     fig.tight_layout()
     return fig
@@ -169,11 +173,8 @@ def method_curves_figure(curves_by_model: Mapping[str, Mapping[str, pd.DataFrame
 def finetune_curves_figure(curves_by_model: Mapping[str, Mapping[str, pd.DataFrame]],
                            series: Sequence[str]) -> Figure:
     """The fine-tunes' head and backbone curves overlaid: one panel per series, one line per model."""
-    ncols = min(3, max(1, len(series)))
-    nrows = max(1, math.ceil(len(series) / ncols))
-    fig = new_figure(4.2 * ncols, 3.0 * nrows + 0.3)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for ax, name in zip(axes.flat, series):
+    fig, axes = panel_grid(len(series), 3, 4.2, 3.0, 0.3)
+    for ax, name in zip(axes, series):
         for model, curves in curves_by_model.items():
             if name in curves:
                 df = curves[name]
@@ -182,8 +183,6 @@ def finetune_curves_figure(curves_by_model: Mapping[str, Mapping[str, pd.DataFra
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(series):]:
-        ax.set_visible(False)
     fig.suptitle("fine-tunes: head and backbone", fontsize=11)
     fig.tight_layout()
     return fig

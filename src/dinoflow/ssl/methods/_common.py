@@ -17,6 +17,8 @@ from dinoflow.ssl.heads import cancel_last_layer_gradients
 from dinoflow.train.distributed import all_gather_with_grad, is_distributed
 from dinoflow.train.schedules import teacher_temp_schedule
 
+N_GLOBAL = 2  # global crops of the multi-crop methods (DINO, DINOv2)
+
 
 def gather(x: torch.Tensor) -> torch.Tensor:
     """``(B, ...)`` of this process -> ``(B * world, ...)`` of the global batch, in rank order (differentiable)."""
@@ -125,3 +127,24 @@ class DINOTeacherMixin:
 
     def after_backward(self, ctx) -> None:
         cancel_last_layer_gradients(self.head, ctx.epoch, self.cfg.freeze_last_layer_epochs)
+
+    def dino_cls_loss(self, teacher_logits: torch.Tensor, student_global_logits: torch.Tensor,
+                      student_local_logits: torch.Tensor | None, n_local: int,
+                      temp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DINO's CLS loss with `self.dino_loss` (a `dinoflow.ssl.losses.DINOLoss`): every teacher global view
+        against every other student view (Caron et al. 2021, eq. 3; DINOv2's ``SSLMetaArch``).
+
+        teacher_logits, student_global_logits: ``(N_GLOBAL * B, K)``, view-major; student_local_logits:
+        ``(n_local * B, K)`` or None; temp: the teacher temperature. The EMA centre is updated when the loss
+        centres. Returns (loss, the teacher's probabilities ``(N_GLOBAL * B, K)``, the loss minus the teacher's
+        mean entropy, detached: KL(teacher || student), the part the student can reduce)."""
+        probs = self.dino_loss.teacher_probs(teacher_logits, temp)
+        student_views = list(student_global_logits.chunk(N_GLOBAL))
+        if student_local_logits is not None:
+            student_views += list(student_local_logits.chunk(n_local))
+        loss = self.dino_loss.cross_entropy(student_views, list(probs.chunk(N_GLOBAL)))
+        if self.dino_loss.centering == "centering":
+            self.dino_loss.update_center(teacher_logits)
+        with torch.no_grad():
+            entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
+        return loss, probs, loss.detach() - entropy

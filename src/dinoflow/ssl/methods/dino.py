@@ -14,7 +14,7 @@ import torch
 from dinoflow.errors import DinoflowError
 from dinoflow.ssl.heads import DINOHead
 from dinoflow.ssl.losses import DINOLoss
-from dinoflow.ssl.methods._common import DINOTeacherMixin, check_momentum, check_positive
+from dinoflow.ssl.methods._common import N_GLOBAL, DINOTeacherMixin, check_momentum, check_positive
 from dinoflow.ssl.methods.base import MultiCropViews, SSLMethod, make_teacher, register
 
 
@@ -61,21 +61,13 @@ class DINO(DINOTeacherMixin, SSLMethod):
         return MultiCropViews(self.setup.views)
 
     def training_step(self, batch, ctx):
-        n_global = 2
-        global_x = torch.cat(batch.views[:n_global])
+        global_x = torch.cat(batch.views[:N_GLOBAL])
         with torch.no_grad():
             t_cls = self.teacher_backbone.forward_tokens(global_x)["cls"]
             t_logits = self.teacher_head(t_cls)
-        s_logits = [self.head(self.backbone.forward_tokens(global_x)["cls"])]
-        if len(batch.views) > n_global:
-            s_logits.append(self.head(self.backbone.forward_tokens(torch.cat(batch.views[n_global:]))["cls"]))
-        student = list(s_logits[0].chunk(n_global)) + (list(s_logits[1].chunk(len(batch.views) - n_global))
-                                                         if len(s_logits) > 1 else [])
-        temp = ctx.values["teacher/temp"]
-        probs = self.dino_loss.teacher_probs(t_logits, temp)
-        loss = self.dino_loss.cross_entropy(student, list(probs.chunk(n_global)))
-        self.dino_loss.update_center(t_logits)
-        with torch.no_grad():
-            entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
+        s_global = self.head(self.backbone.forward_tokens(global_x)["cls"])
+        n_local = len(batch.views) - N_GLOBAL
+        s_local = self.head(self.backbone.forward_tokens(torch.cat(batch.views[N_GLOBAL:]))["cls"]) if n_local else None
+        loss, probs, kl = self.dino_cls_loss(t_logits, s_global, s_local, n_local, ctx.values["teacher/temp"])
         return {"loss": loss, "loss/dino": loss.detach(), "embeddings": t_cls.detach(), "targets": probs.detach(),
-                "dino_kl": loss.detach() - entropy}
+                "dino_kl": kl}

@@ -29,11 +29,10 @@ from dinoflow.ssl.heads import DINOHead
 from dinoflow.ssl.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinoflow.ssl.losses.dino import CENTERING_MODES
 from dinoflow.ssl.masking import MaskingGenerator, check_mask_params, sample_masks
-from dinoflow.ssl.methods._common import DINOTeacherMixin, check_momentum, check_positive
+from dinoflow.ssl.methods._common import N_GLOBAL, DINOTeacherMixin, check_momentum, check_positive
 from dinoflow.ssl.methods.base import MultiCropViews, SSLMethod, make_teacher, register
 from dinoflow.train.distributed import all_gather_with_grad
 
-N_GLOBAL = 2
 
 
 def head_logits(backbone, head: nn.Module, global_crops: torch.Tensor, local_crops: torch.Tensor | None,
@@ -143,13 +142,8 @@ class DINOv2(DINOTeacherMixin, SSLMethod):
         s_out = head_logits(self.backbone, self.head, global_crops, local_crops, masks, True)
 
         # DINO: every teacher global view against every other student view (global and local).
-        t_probs = self.dino_loss.teacher_probs(t_out["global_logits"], temp)
-        student_views = list(s_out["global_logits"].chunk(N_GLOBAL))
-        if s_out["local_logits"] is not None:
-            student_views += list(s_out["local_logits"].chunk(n_local))
-        dino = self.dino_loss.cross_entropy(student_views, list(t_probs.chunk(N_GLOBAL)))
-        if self.dino_loss.centering == "centering":
-            self.dino_loss.update_center(t_out["global_logits"])
+        dino, t_probs, dino_kl = self.dino_cls_loss(t_out["global_logits"], s_out["global_logits"],
+                                                    s_out["local_logits"], n_local, temp)
         terms = {"dino": dino}
         if masks is not None:
             terms["ibot"] = self.cfg.ibot_loss_weight * self.ibot_loss(s_out["patch_logits"], t_out["patch_logits"],
@@ -161,11 +155,9 @@ class DINOv2(DINOTeacherMixin, SSLMethod):
         loss = sum(terms.values())
 
         # Collapse monitors (the engine's, from the teacher's targets and CLS embeddings) and the KL part of the loss.
-        with torch.no_grad():
-            entropy = -(t_probs * torch.log(t_probs.clamp_min(1e-12))).sum(-1).mean()
         out = {f"loss/{k}": v.detach() for k, v in terms.items()}
         out.update({"loss": loss, "embeddings": t_out["cls"].detach(), "targets": t_probs.detach(),
                     # CE - H(teacher) = KL(teacher || student): the part of the DINO loss the student can reduce
                     # (the CE itself rises while the teacher temperature warms up).
-                    "dino_kl": dino.detach() - entropy})
+                    "dino_kl": dino_kl})
         return out

@@ -369,6 +369,11 @@ def test_missing_contract_files_are_reported_not_run(report_ws, tmp_path):
     (paths.COMPARE_METRICS, lambda d: d["metrics"]["knn_top1/color"]["pairs"][0].pop("separable"),
      r"metrics\.knn_top1/color\.pairs\[0\] lacks key\(s\) separable"),
     (paths.COMPARE_METRICS, lambda d: d["resampling"].pop("level"), r"resampling lacks key\(s\) level"),
+    # every two models with a value have their pair (the summary reads the leader's difference from it)
+    (paths.COMPARE_METRICS, lambda d: d["metrics"]["knn_top1/color"]["pairs"].pop(),
+     r"metrics/compare\.json: metrics\.knn_top1/color\.pairs lacks the pair of '\w+' and '\w+' \(contract 4"),
+    (paths.COMPARE_METRICS, lambda d: d["metrics"]["knn_top1/color"]["pairs"][0].update(diff=None),
+     r"metrics\.knn_top1/color\.pairs\[0\]\.diff must be a number, found None \(contract 4"),
     (paths.GROUPS_SUMMARY, lambda d: d.pop("n_near_duplicate_groups"),
      r"metrics/groups\.json: the top level lacks key\(s\) n_near_duplicate_groups \(contract 1"),
     (paths.health_metrics("random"), lambda d: d["cosine_raw"].pop("p99"),
@@ -390,6 +395,41 @@ def test_contract_files_lacking_a_key_name_file_and_key(report_ws, tmp_path, pat
         Path(path).write_text(json.dumps(data))
         with pytest.raises(DinoflowError, match=message):
             report_html.build(params, fig_dir=tmp_path / "figs")
+
+
+def test_pair_without_interval_is_shown_not_a_crash(report_ws, tmp_path):
+    """compare.json's own output for a model whose value is finite but whose every resample is not (e.g. a
+    Spearman of near-constant embeddings): its ci95 and its pairs' ci95 are null. The page and metrics.json show
+    the differences without an interval instead of failing."""
+    import numpy as np
+
+    from dinoflow.evaluate.compare import summarise_metric
+
+    src, params = report_ws
+    ws = tmp_path / "ws"
+    shutil.copytree(src, ws)
+    models = model_names(params)
+    stats = {m: np.linspace(0.4, 0.6, 50) + 0.01 * i for i, m in enumerate(models)}
+    stats[models[0]] = np.full(50, np.nan)
+    entry = summarise_metric(models, {m: 0.5 + 0.01 * i for i, m in enumerate(models)}, stats,
+                             {m: 200 for m in models}, {}, True, 60)
+    assert entry["per_model"][models[0]]["ci95"] is None
+    assert [p["ci95"] for p in entry["pairs"] if p["a"] == models[0]] == [None] * (len(models) - 1)
+    with chdir(ws):
+        data = read_json(paths.COMPARE_METRICS)
+        data["metrics"]["knn_top1/color"] = entry
+        Path(paths.COMPARE_METRICS).write_text(json.dumps(data))
+        report_html.main(params)
+        metrics = read_json(paths.REPORT_METRICS)
+        page = Path(paths.REPORT_HTML).read_text(encoding="utf-8")
+    diffs = metrics["models"][models[0]]["differences"]["knn_top1/color"]
+    assert [d["ci95"] for d in diffs] == [None] * (len(models) - 1)
+    assert [d["diff"] for d in diffs] == [p["diff"] for p in entry["pairs"] if p["a"] == models[0]]
+    assert all(d["separable"] is False for d in diffs)
+    other = metrics["models"][models[1]]["differences"]["knn_top1/color"]
+    back = next(d for d in other if d["other"] == models[0])
+    assert back["ci95"] is None and back["diff"] == -entry["pairs"][0]["diff"]
+    assert "knn_top1/color" in page
 
 
 def test_malformed_metrics_file_names_the_file(tmp_path):

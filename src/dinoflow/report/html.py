@@ -729,9 +729,10 @@ def report_metrics(models: Sequence[str], infos: Mapping[str, Any], health: Mapp
                     if m not in (pair["a"], pair["b"]):
                         continue
                     sign = 1 if pair["a"] == m else -1
-                    lo, hi = (sign * c for c in pair["ci95"])
+                    # null when no resample gave a finite difference (compare.percentile_interval)
+                    ci = None if pair["ci95"] is None else sorted(sign * c for c in pair["ci95"])
                     diffs.append({"other": pair["b"] if sign == 1 else pair["a"], "diff": sign * pair["diff"],
-                                  "ci95": sorted([lo, hi]), "separable": pair["separable"]})
+                                  "ci95": ci, "separable": pair["separable"]})
                 entry["differences"][name] = diffs
         per_model[m] = entry
     summary = None if compare is None else {

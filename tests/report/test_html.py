@@ -430,6 +430,11 @@ def test_pair_without_interval_is_shown_not_a_crash(report_ws, tmp_path):
     back = next(d for d in other if d["other"] == models[0])
     assert back["ci95"] is None and back["diff"] == -entry["pairs"][0]["diff"]
     assert "knn_top1/color" in page
+    # the README tables (dinoflow.report.summary) show that model's value without an interval, as the page does
+    from dinoflow.report import summary
+
+    row = next(r for r in summary.metrics_table(metrics) if r.startswith("| knn_top1/color |"))
+    assert row.split(" | ")[1 + list(metrics["models"]).index(models[0])] == "0.500"
 
 
 def test_malformed_metrics_file_names_the_file(tmp_path):

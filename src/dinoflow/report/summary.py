@@ -21,6 +21,8 @@ from dinoflow.utils import read_json
 def _interval(entry: Mapping[str, Any] | None) -> str:
     if not entry or entry.get("value") is None:
         return "n/a" + (f" ({entry['reason']})" if entry and entry.get("reason") else "")
+    if entry.get("ci95") is None:  # no resample gave a finite value (compare.percentile_interval)
+        return f"{entry['value']:.3f}"
     lo, hi = entry["ci95"]
     return f"{entry['value']:.3f} [{lo:.3f}, {hi:.3f}]"
 

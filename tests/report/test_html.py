@@ -374,6 +374,8 @@ def test_missing_contract_files_are_reported_not_run(report_ws, tmp_path):
      r"metrics/compare\.json: metrics\.knn_top1/color\.pairs lacks the pair of '\w+' and '\w+' \(contract 4"),
     (paths.COMPARE_METRICS, lambda d: d["metrics"]["knn_top1/color"]["pairs"][0].update(diff=None),
      r"metrics\.knn_top1/color\.pairs\[0\]\.diff must be a number, found None \(contract 4"),
+    (paths.COMPARE_METRICS, lambda d: d["metrics"]["knn_top1/color"]["per_model"]["scratch"].update(value="0.5"),
+     r"metrics\.knn_top1/color\.per_model\.scratch\.value must be a number or null, found '0\.5'"),
     (paths.GROUPS_SUMMARY, lambda d: d.pop("n_near_duplicate_groups"),
      r"metrics/groups\.json: the top level lacks key\(s\) n_near_duplicate_groups \(contract 1"),
     (paths.health_metrics("random"), lambda d: d["cosine_raw"].pop("p99"),

@@ -208,11 +208,27 @@ def read_compare(models: Sequence[str]) -> tuple[dict[str, Any] | None, str | No
             require(metric["per_model"][m], PER_MODEL_KEYS, path, f"{where}.per_model.{m}", CONTRACT_COMPARE)
         if not isinstance(metric["pairs"], list):
             raise DinoflowError(f"{path}: {where}.pairs must be a list ({CONTRACT_COMPARE})")
+        for m in models:
+            v = metric["per_model"][m]["value"]
+            if v is not None and not is_number(v):
+                raise DinoflowError(f"{path}: {where}.per_model.{m}.value must be a number or null, found {v!r} "
+                                    f"({CONTRACT_COMPARE})")
+        have = [m for m in models if metric["per_model"][m]["value"] is not None]
+        paired = set()
         for i, pair in enumerate(metric["pairs"]):
             require(pair, PAIR_KEYS, path, f"{where}.pairs[{i}]", CONTRACT_COMPARE)
             if not {pair["a"], pair["b"]} <= known:
                 raise DinoflowError(f"{path}: {where}.pairs[{i}] names a model not in params `models` "
                                     f"({pair['a']!r}, {pair['b']!r}): re-run the compare stage")
+            if not is_number(pair["diff"]):
+                raise DinoflowError(f"{path}: {where}.pairs[{i}].diff must be a number, found {pair['diff']!r} "
+                                    f"({CONTRACT_COMPARE})")
+            paired.add(frozenset((pair["a"], pair["b"])))
+        for ia, a in enumerate(have):  # every two models with a value are paired (the summary reads their pair)
+            for b in have[ia + 1:]:
+                if frozenset((a, b)) not in paired:
+                    raise DinoflowError(f"{path}: {where}.pairs lacks the pair of {a!r} and {b!r} "
+                                        f"({CONTRACT_COMPARE}; re-run that stage)")
         if metric["best"] is not None and metric["best"] not in known:
             raise DinoflowError(f"{path}: {where}.best {metric['best']!r} is not a model of params `models`")
     return dict(data), None

@@ -106,6 +106,29 @@ def test_batch_statistics_detection():
     assert not uses_batch_statistics(nn.Sequential(nn.LayerNorm(3), nn.GroupNorm(1, 3)).train())
 
 
+def test_other_layers_with_running_statistics_in_training_mode_get_one_call_per_view():
+    """Not only BatchNorm: timm's EvoNorm B0 (``norm_layer: evonormb0`` in a CNN's backbone.kwargs) divides by the
+    batch variance in training mode, and an InstanceNorm tracking running statistics updates them per call; both
+    must see each view alone, as per-view calls do (outputs and running statistics bit-identical)."""
+    from dinoflow.models.encoder import Encoder
+
+    torch.manual_seed(0)
+    evo = Encoder("test_efficientnet", 28, {"norm_layer": "evonormb0"}).train()
+    assert any(type(m).__name__ == "EvoNorm2dB0" for m in evo.modules())
+    assert uses_batch_statistics(evo)
+    assert not uses_batch_statistics(copy.deepcopy(evo).eval())  # eval: its running variance, per sample
+    ref = copy.deepcopy(evo)
+    views = _views(28, 28, seed=2)
+    got = pooled_views(evo, views)
+    for g, w in zip(got, [pooled(ref, v) for v in views], strict=True):
+        assert torch.equal(g, w)
+    for (name, a), b in zip(evo.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), name
+    instance = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True))
+    assert uses_batch_statistics(instance.train()) and not uses_batch_statistics(instance.eval())
+    assert not uses_batch_statistics(nn.InstanceNorm2d(4).train())  # per-sample statistics only
+
+
 def test_no_views_is_an_error():
     with pytest.raises(DinoflowError, match="no views"):
         pooled_views(tiny_encoder("vit"), [])

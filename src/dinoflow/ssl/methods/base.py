@@ -396,11 +396,21 @@ def pooled(backbone: "Encoder", x: torch.Tensor) -> torch.Tensor:
     return backbone.forward_tokens(x)["cls"]
 
 
+def _has_running_statistics(m: nn.Module) -> bool:
+    return any(isinstance(getattr(m, k, None), torch.Tensor) for k in ("running_mean", "running_var"))
+
+
 def uses_batch_statistics(module: nn.Module) -> bool:
-    """True when a forward pass of ``module`` normalises with statistics of the batch it sees: any BatchNorm layer
-    (``torch.nn.modules.batchnorm._BatchNorm``: BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants) in training mode,
-    or one without running statistics (``track_running_stats=False`` normalises by the batch in eval mode too)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+    """True when a forward pass of ``module`` depends on the batch it sees as a whole, so that one call on
+    concatenated views differs from one call per view: any layer in training mode that keeps running statistics
+    (a ``running_mean`` / ``running_var`` buffer: BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants, timm's
+    BatchNormAct2d, timm's EvoNorm2dB* (``norm_layer: evonormb0``; batch variance in training), an InstanceNorm
+    with ``track_running_stats``, whose running statistics are updated once per call), or a BatchNorm layer
+    (``torch.nn.modules.batchnorm._BatchNorm``) without running statistics (``track_running_stats=False``
+    normalises by the batch in eval mode too). LayerNorm, GroupNorm, timm's EvoNorm2dS* and a plain InstanceNorm
+    are per sample."""
+    return any((m.training and _has_running_statistics(m))
+               or (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None)
                for m in module.modules())
 
 

@@ -554,6 +554,34 @@ def test_summary_inseparable_pair():
     assert line["text"] == "low is best; its lead over b, -0.380 [-0.390, -0.370], excludes 0"
 
 
+def test_summary_never_calls_an_interval_that_excludes_0_one_that_does_not():
+    """compare.json's leader is the best point value; a percentile interval need not contain the point difference
+    (e.g. Spearman: the point value is align's, the resamples draw pairs of resampled images), so the leader's
+    difference to another model can have an interval wholly below 0. compare then names no best model and the
+    summary must say that the resamples favour the other model, not that the interval "does not exclude 0".
+    Without an interval (null ci95) it must not speak of one."""
+    import numpy as np
+
+    from dinoflow.evaluate.compare import summarise_metric
+
+    rng = np.random.default_rng(0)
+    models = ["a", "b"]
+    stats = {"a": 0.28 + rng.normal(0, 0.002, 200), "b": 0.29 + rng.normal(0, 0.002, 200)}
+    metric = summarise_metric(models, {"a": 0.30, "b": 0.29}, stats, {"a": 500, "b": 500}, {}, True, None)
+    lo, hi = metric["pairs"][0]["ci95"]
+    assert metric["best"] is None and hi < 0 < metric["pairs"][0]["diff"]  # point and resamples disagree
+    text = report_html.metric_summary("spearman/caption", metric, models)["text"]
+    assert "does not exclude 0" not in text
+    assert text == (f"the data cannot separate a, b: a − b = {0.01:.3f} [{lo:.3f}, {hi:.3g}], an interval below 0 "
+                    "although a has the better point value (the point values and the resamples disagree)")
+    stats["a"] = np.full(200, np.nan)  # no finite resample of a: no interval for the difference
+    metric = summarise_metric(models, {"a": 0.30, "b": 0.29}, stats, {"a": 500, "b": 500}, {}, True, None)
+    assert metric["pairs"][0]["ci95"] is None
+    text = report_html.metric_summary("spearman/caption", metric, models)["text"]
+    assert text == ("the data cannot separate a, b: a − b = 0.010, without an interval (no resample gave a finite "
+                    "difference)")
+
+
 def test_summary_says_how_models_were_trained_and_flags_collapse(report):
     from html import escape
 

@@ -345,8 +345,15 @@ def metric_summary(name: str, metric: Mapping[str, Any], models: Sequence[str]) 
             line["text"] = metric["verdict"]
             return line
         diff, ci, _ = _lead(metric, leader, tied[0])
+        if not ci:
+            why = "without an interval (no resample gave a finite difference)"
+        elif min(ci) <= 0 <= max(ci):
+            why = "an interval that does not exclude 0"
+        else:  # a percentile interval need not contain the point difference: it lies against the leader
+            why = (f"an interval {'below' if max(ci) < 0 else 'above'} 0 although {leader} has the better point "
+                   "value (the point values and the resamples disagree)")
         line["text"] = (f"the data cannot separate {', '.join([leader] + tied)}: {leader} − {tied[0]} = "
-                        f"{interval_text(diff, ci)}, an interval that does not exclude 0")
+                        f"{interval_text(diff, ci)}, {why}")
     if undefined:
         line["text"] += f" ({', '.join(undefined)}: undefined)"
     return line

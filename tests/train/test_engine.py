@@ -88,7 +88,10 @@ def test_ddp_two_processes_match_one_process(method, images, tmp_path):
     two = torch.load(out, weights_only=True)
     for step, (v1, v2) in enumerate(zip(one["values"], two["values"], strict=True)):
         for key in [k for k in v1 if k.startswith(("loss", "grad_norm", "teacher/entropy"))]:
-            tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=1e-3, abs=1e-4)
+            # SwAV: Sinkhorn-Knopp's exp(score / epsilon), epsilon 0.05, magnifies the float rounding of the scores
+            # (the projection head runs once on all crops: 16 rows per process vs 32) 20-fold
+            rel0 = 5e-5 if method == "swav" else 1e-5
+            tol = dict(rel=rel0, abs=1e-6) if step == 0 else dict(rel=1e-3, abs=1e-4)
             assert v2[key] == pytest.approx(v1[key], **tol), (step, key)
     assert one["state"].keys() == two["state"].keys()
     for k, v in one["state"].items():

@@ -132,7 +132,11 @@ def test_swav_loss_equals_lightly_with_multicrop(images):
     assert len(batch.views) == 4 and batch.views[2].shape[-1] == 14  # 2 global + 2 local crops
     with torch.no_grad():
         got = m.training_step(batch, _ctx())["loss"]
-        out = [m.prototypes(F.normalize(m.projection_head(_pooled(m.backbone, v)), dim=1)) for v in batch.views]
+        # the official SwAV forward: one backbone call per resolution (BatchNorm statistics over its crops), then
+        # the projection head once on every crop's embedding
+        h = [_pooled(m.backbone, torch.cat(batch.views[:2])), _pooled(m.backbone, torch.cat(batch.views[2:]))]
+        z = F.normalize(m.projection_head(torch.cat(h)), dim=1)
+        out = [m.prototypes(c) for c in z.split(batch.views[0].shape[0])]
         want = SwaVLoss(temperature=m.cfg.temperature, sinkhorn_iterations=m.cfg.sinkhorn_iterations,
                         sinkhorn_epsilon=m.cfg.sinkhorn_epsilon)(out[:2], out[2:])
     torch.testing.assert_close(got, want.reshape(()))

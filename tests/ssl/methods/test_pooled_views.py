@@ -85,6 +85,23 @@ def test_batchnorm_cnn_in_training_mode_makes_one_call_per_view_bit_identically(
         assert torch.equal(a, b), name  # running statistics updated once per view, as per-view calls do
 
 
+def test_multi_crop_concatenates_each_resolution_even_with_batchnorm_as_swav_and_dino_do():
+    """multi_crop=True (SwAV / DINO official code): one call per resolution on a training-mode BatchNorm CNN, equal
+    to a hand-written torch.cat call per resolution (BatchNorm statistics over that resolution's crops)."""
+    cnn = tiny_encoder("cnn").train()
+    allow_any_input_size(cnn)
+    ref = copy.deepcopy(cnn)
+    views = _views(28, 28, 20, 20, 20, seed=3)
+    calls = _count_calls(cnn)
+    got = pooled_views(cnn, views, multi_crop=True)
+    assert calls[0] == 2
+    want = list(pooled(ref, torch.cat(views[:2])).split(4)) + list(pooled(ref, torch.cat(views[2:])).split(4))
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    for (name, a), b in zip(cnn.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_batchnorm_cnn_in_eval_mode_may_concatenate():
     cnn = tiny_encoder("cnn").eval()
     assert not uses_batch_statistics(cnn)
@@ -159,5 +176,6 @@ def test_methods_call_each_backbone_once_per_resolution_on_vits_and_once_per_vie
     resolutions = len({tuple(v.shape[1:]) for v in batch.views})
     # scratch CNNs: every backbone (EMA teachers too, as BYOL / MoCo v3 run them) normalises by batch statistics
     assert all(uses_batch_statistics(getattr(m, name)) == (kind == "cnn") for name in TWO_VIEW[method])
-    want = resolutions if kind == "vit" else len(batch.views)
+    # SwAV follows its official multi-crop code: one call per resolution with BatchNorm too
+    want = resolutions if kind == "vit" or method == "swav" else len(batch.views)
     assert {k: c[0] for k, c in counters.items()} == {k: want for k in counters}

@@ -414,9 +414,10 @@ def uses_batch_statistics(module: nn.Module) -> bool:
                for m in module.modules())
 
 
-def pooled_views(backbone: "Encoder", views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def pooled_views(backbone: "Encoder", views: Sequence[torch.Tensor], multi_crop: bool = False) -> list[torch.Tensor]:
     """Pooled embeddings ``[(B_v, D), ...]`` of several views, one per view, in order, through ONE backbone call
-    per run of consecutive views of the same shape when that is the same computation.
+    per run of consecutive views of the same shape when that is the same computation (or, with ``multi_crop``,
+    always).
 
     Same computation: when the backbone has no layer that normalises with batch statistics
     (`uses_batch_statistics`: a ViT's LayerNorm, a CNN whose BatchNorm layers are in eval mode), every sample's
@@ -433,12 +434,16 @@ def pooled_views(backbone: "Encoder", views: Sequence[torch.Tensor]) -> list[tor
     method: BN statistics over both views). Heads are not concerned: callers apply them per view, so their
     BatchNorm1d statistics stay per view.
 
+    ``multi_crop=True``: the multi-crop convention of SwAV and DINO, whose official code always runs the crops of
+    one resolution through one backbone call, BatchNorm statistics over them included (facebookresearch/swav
+    ``src/resnet50.py`` ``ResNet.forward``; facebookresearch/dino ``MultiCropWrapper``).
+
     views: ``(B_v, C, H_v, W_v)`` tensors. Returns a list of ``len(views)`` tensors ``(B_v, D)`` (views of one call
     are row slices of its output). Raises DinoflowError for an empty list.
     """
     if not views:
         raise DinoflowError("pooled_views: no views given")
-    if len(views) == 1 or uses_batch_statistics(backbone):
+    if len(views) == 1 or (not multi_crop and uses_batch_statistics(backbone)):
         return [pooled(backbone, v) for v in views]
     out: list[torch.Tensor] = []
     start = 0

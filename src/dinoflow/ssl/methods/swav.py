@@ -67,8 +67,11 @@ class SwAV(SSLMethod):
         with torch.no_grad():
             for layer in self.prototypes.heads:
                 layer.weight.copy_(F.normalize(layer.weight, dim=1))
-        embeddings = pooled_views(self.backbone, batch.views)  # one backbone call per resolution (ViT)
-        features = [F.normalize(self.projection_head(h), dim=1) for h in embeddings]
+        # as the official SwAV code (src/resnet50.py ResNet.forward): one backbone call per resolution, BatchNorm
+        # statistics over its crops included, then the projection head once on every crop's embedding
+        embeddings = pooled_views(self.backbone, batch.views, multi_crop=True)
+        projected = F.normalize(self.projection_head(torch.cat(embeddings)), dim=1)
+        features = list(projected.split([int(h.shape[0]) for h in embeddings]))
         outputs = [gather(self.prototypes(f)) for f in features]
         high, low = outputs[:2], outputs[2:]
         queue_outputs = None

@@ -208,3 +208,26 @@ def test_grad_checkpointing_same_outputs_and_grads():
 def test_unknown_arch_is_a_clear_error():
     with pytest.raises(DinoflowError, match="no_such_net"):
         Encoder("no_such_net")
+
+
+def test_frozen_evonorm_b_layers_keep_running_statistics_too():
+    """timm's EvoNorm2dB0 divides by the batch variance in training and keeps a running variance: a frozen one
+    is a frozen normalisation layer like BatchNorm (Encoder.train keeps it in eval mode)."""
+    from timm.layers import EvoNorm2dB0
+
+    from dinoflow.models.encoder import has_running_statistics
+
+    torch.manual_seed(0)
+    enc = Encoder("resnet18", 64, {"norm_layer": EvoNorm2dB0})
+    evo = [m for m in enc.modules() if isinstance(m, EvoNorm2dB0)]
+    assert evo and all(has_running_statistics(m) for m in evo)
+    assert not has_running_statistics(torch.nn.LayerNorm(4)) and not has_running_statistics(torch.nn.InstanceNorm2d(4))
+    enc.set_trainable("last1")
+    enc.train()
+    frozen = [m for m in evo if not any(p.requires_grad for p in m.parameters())]
+    trained = [m for m in evo if any(p.requires_grad for p in m.parameters())]
+    assert frozen and trained
+    before = [m.running_var.clone() for m in frozen]
+    enc.forward_tokens(images(2, size=64) * 3 + 1)
+    assert not any(m.training for m in frozen) and all(m.training for m in trained)
+    assert all(torch.equal(m.running_var, b) for m, b in zip(frozen, before))

@@ -41,6 +41,14 @@ def _create_timm(arch: str, img_size: int | None, kwargs: dict[str, Any]) -> nn.
     return timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
 
 
+def has_running_statistics(module: nn.Module) -> bool:
+    """True for a layer that keeps running statistics (a ``running_mean`` / ``running_var`` tensor): BatchNorm
+    1d/2d/3d, SyncBatchNorm, timm's BatchNormAct2d and EvoNorm2dB* (batch variance in training, running variance
+    in eval), an InstanceNorm with ``track_running_stats``. In training mode such a layer normalises by the batch
+    and updates its statistics; in eval mode it uses the stored ones."""
+    return any(isinstance(getattr(module, k, None), torch.Tensor) for k in ("running_mean", "running_var"))
+
+
 class Encoder(nn.Module):
     """A timm backbone without classifier, plus a DINOv2/iBOT mask token for ViTs.
 
@@ -150,12 +158,13 @@ class Encoder(nn.Module):
                 "trainable_share": float(trainable / total) if total else 0.0}
 
     def train(self, mode: bool = True) -> "Encoder":
-        """As nn.Module.train, but frozen BatchNorm layers stay in eval mode: partial fine-tunes keep the
+        """As nn.Module.train, but frozen normalisation layers with running statistics (BatchNorm, timm's
+        BatchNormAct2d / EvoNorm B, see `has_running_statistics`) stay in eval mode: partial fine-tunes keep the
         pretrained running statistics of the layers they do not train."""
         super().train(mode)
         if mode:
             for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                if has_running_statistics(module):
                     params = list(module.parameters())
                     if params and not any(p.requires_grad for p in params):
                         module.eval()

@@ -41,6 +41,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dinoflow.errors import DinoflowError
+from dinoflow.models.encoder import has_running_statistics
 from dinoflow.ssl.methods.base import (Batch, MethodSetup, SSLMethod, StepContext, ViewDataset, ViewSettings,
                                        build_method, collate_views)
 from dinoflow.train import monitors
@@ -128,8 +129,9 @@ def sync_batchnorm_targets(method: SSLMethod) -> list[nn.Module]:
 
 
 def _set_batchnorm_eval(module: nn.Module) -> None:
+    """Every layer with running statistics (`has_running_statistics`: BatchNorm, EvoNorm B, ...) in eval mode."""
     for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if has_running_statistics(m):
             m.eval()
 
 
@@ -309,7 +311,7 @@ class Engine:
         if not self.ft:  # teachers too: their BatchNorm layers use batch statistics, as MoCo / BYOL / DINO run them
             for _, teacher in self.method.ema_pairs():  # (Encoder.train keeps BN without trainable params in eval)
                 for module in teacher.modules():
-                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    if has_running_statistics(module):
                         module.train()
         if self.ft:  # small batches: keep the pretrained BN statistics of the backbone and its EMA copies
             _set_batchnorm_eval(self.method.backbone)

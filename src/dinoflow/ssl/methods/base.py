@@ -90,6 +90,7 @@ import torch
 from torch import nn
 
 from dinoflow.errors import DinoflowError
+from dinoflow.models.encoder import has_running_statistics
 
 if typing.TYPE_CHECKING:  # pragma: no cover
     from dinoflow.models.encoder import Encoder
@@ -396,10 +397,6 @@ def pooled(backbone: "Encoder", x: torch.Tensor) -> torch.Tensor:
     return backbone.forward_tokens(x)["cls"]
 
 
-def _has_running_statistics(m: nn.Module) -> bool:
-    return any(isinstance(getattr(m, k, None), torch.Tensor) for k in ("running_mean", "running_var"))
-
-
 def uses_batch_statistics(module: nn.Module) -> bool:
     """True when a forward pass of ``module`` depends on the batch it sees as a whole, so that one call on
     concatenated views differs from one call per view: any layer in training mode that keeps running statistics
@@ -409,7 +406,7 @@ def uses_batch_statistics(module: nn.Module) -> bool:
     (``torch.nn.modules.batchnorm._BatchNorm``) without running statistics (``track_running_stats=False``
     normalises by the batch in eval mode too). LayerNorm, GroupNorm, timm's EvoNorm2dS* and a plain InstanceNorm
     are per sample."""
-    return any((m.training and _has_running_statistics(m))
+    return any((m.training and has_running_statistics(m))
                or (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None)
                for m in module.modules())
 

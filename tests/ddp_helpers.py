@@ -1,8 +1,8 @@
 """Run a function in N CPU processes joined in one gloo process group: the set-up every DDP test shares.
 
-Importable as ``ddp_helpers`` from every test folder: pytest's default ("prepend") import mode puts the directory of
-the root ``tests/conftest.py`` (this one) on ``sys.path``, and ``torch.multiprocessing.spawn`` hands the parent's
-``sys.path`` to its children, so they can import this module and the caller's helper modules too.
+Importable as ``ddp_helpers`` from every test folder: pytest's default ("prepend") import mode puts ``tests/`` (the
+directory of the root ``conftest.py``, and of this module) on ``sys.path``, and ``torch.multiprocessing.spawn``
+hands the parent's ``sys.path`` to its children, so they can import this module and the caller's helper modules.
 """
 
 from __future__ import annotations

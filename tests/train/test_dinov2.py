@@ -4,7 +4,6 @@ the outputs of the train stage, parameter groups, gradient checkpointing and bf1
 from __future__ import annotations
 
 import math
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,8 @@ from dinoflow.models.factory import create_encoder
 from dinoflow.train import checkpoint, engine, run
 from dinoflow.train.engine import GlobalBatchSampler, make_engine
 from dinoflow.utils import read_json, seed_everything
-from train_helpers import ddp_worker, make_env, run_steps
+from ddp_helpers import run_ddp
+from train_helpers import make_env, run_steps
 
 
 @pytest.fixture
@@ -162,12 +162,6 @@ def test_resume_after_kill_gives_exactly_the_uninterrupted_weights(tmp_path, mon
     np.testing.assert_array_equal(loss_full, loss_res)  # the replayed steps were logged once
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_match_one_process(tmp_path, monkeypatch):
     """2 gloo processes x 4 images == 1 process x 8 images: losses (DINO, iBOT, KoLeo over the gathered batch),
     gradient norms (after DDP's averaging) and the weights after two optimizer steps.
@@ -183,9 +177,7 @@ def test_ddp_two_processes_match_one_process(tmp_path, monkeypatch):
     params["backbone"]["init_values"] = 1e-5
     monkeypatch.chdir(tmp_path / "ws")
     one = run_steps(params, images, n_steps=2)
-    out = tmp_path / "ddp.pt"
-    torch.multiprocessing.spawn(ddp_worker, args=(2, _free_port(), params, images, 2, str(out)), nprocs=2, join=True)
-    two = torch.load(out, weights_only=True)
+    two = run_ddp(2, run_steps, params, images, 2)[0]
     assert len(two["values"]) == 2
     for step, (v1, v2) in enumerate(zip(one["values"], two["values"])):
         for key in ("loss/dino", "loss/ibot", "loss/koleo", "loss/total", "teacher/entropy", "grad_norm/head",

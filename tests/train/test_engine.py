@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import socket
 import sys
 from pathlib import Path
 
@@ -16,7 +15,8 @@ from dinoflow.errors import DinoflowError
 from dinoflow.train import checkpoint, engine as engine_mod
 from dinoflow.train.config import FinetuneConfig
 from dinoflow.train.engine import RunSpec, fit, make_engine
-from engine_helpers import ddp_worker, run_steps
+from ddp_helpers import run_ddp
+from engine_helpers import run_steps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ssl" / "methods"))
 from method_helpers import SMALL, tiny_encoder, tiny_images, tiny_train_config  # noqa: E402
@@ -65,15 +65,9 @@ def test_resume_after_kill_is_bit_exact(method, images, tmp_path, monkeypatch):
         assert torch.equal(a[k], b[k]), k
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # ~40 s each: two spawned processes import torch, timm and lightly
 @pytest.mark.parametrize("method", SAMPLE)
-def test_ddp_two_processes_match_one_process(method, images, tmp_path):
+def test_ddp_two_processes_match_one_process(method, images):
     """2 gloo processes x 4 images == 1 process x 8 images.
 
     Step 0 (forward over the gathered batch, global BatchNorm, queue / centre, backward through the gather and
@@ -82,10 +76,7 @@ def test_ddp_two_processes_match_one_process(method, images, tmp_path):
     lr-sized steps, so step 1 and the state (weights, teacher, queue, centre) are compared at 1e-3.
     """
     one = run_steps(method, images, 2)
-    out = tmp_path / "ddp.pt"
-    torch.multiprocessing.spawn(ddp_worker, args=(2, _free_port(), method, images, 2, str(out)), nprocs=2,
-                                join=True)
-    two = torch.load(out, weights_only=True)
+    two = run_ddp(2, run_steps, method, images, 2)[0]
     for step, (v1, v2) in enumerate(zip(one["values"], two["values"], strict=True)):
         for key in [k for k in v1 if k.startswith(("loss", "grad_norm", "teacher/entropy"))]:
             # SwAV: Sinkhorn-Knopp's exp(score / epsilon), epsilon 0.05, magnifies the float rounding of the scores

@@ -1,10 +1,9 @@
-"""Shared set-up of the training tests: tiny params, in-memory images, and the DDP worker (importable by spawn)."""
+"""Shared set-up of the training tests: tiny params, in-memory images, and the steps the DDP test runs per process."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -41,22 +40,6 @@ def make_env(root: Path) -> tuple[dict, list]:
     return params, images
 
 
-def ddp_worker(rank: int, world_size: int, port: int, params: dict, images: list, n_steps: int, out: str) -> None:
-    """One process of a gloo group: `n_steps` DINOv2 steps of the scratch model; losses saved by rank 0."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from dinoflow.train.distributed import cleanup, init_distributed
-
-    ctx = init_distributed("cpu")
-    try:
-        losses = run_steps(params, images, n_steps, ctx)
-        if rank == 0:
-            torch.save(losses, out)
-    finally:
-        cleanup()
-
-
 def scratch_engine(params: dict, images: list, ctx=None, model: str = "scratch"):
     """The engine of `model` (DINOv2) as `dinoflow train` builds it, with Xavier-initialised ViT weights.
 
@@ -79,7 +62,7 @@ def scratch_engine(params: dict, images: list, ctx=None, model: str = "scratch")
 
 
 def run_steps(params: dict, images: list, n_steps: int, ctx=None) -> dict:
-    """Build the scratch engine and run its first `n_steps` steps over the real data path."""
+    """Build the scratch engine and run its first `n_steps` steps over the real data path (``run_ddp`` passes ctx)."""
     engine = scratch_engine(params, images, ctx)
     values = [v for _, v in engine.steps(0, n_steps)]
     m = engine.method

@@ -3,15 +3,12 @@ of one process that sees the whole batch."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dinoflow.ssl.losses import DINOLoss, iBOTPatchLoss
+from ddp_helpers import run_ddp
 
 K, B = 8, 6  # global batch 6 -> 3 per rank
 CENTERINGS = ("centering", "sinkhorn_knopp")
@@ -43,33 +40,24 @@ def _compute(rank: int, world: int, centering: str):
     return out
 
 
-def _worker(rank: int, world: int, port: int, result_dir: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        for centering in CENTERINGS:
-            out = _compute(rank, world, centering)
-            for key in ("dino0", "dino1", "ibot0", "ibot1"):
-                dist.all_reduce(out[key])  # the mean of per-rank losses is what DDP's gradient averaging optimises
-                out[key] /= world
-            torch.save(out, os.path.join(result_dir, f"{centering}-rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _distributed(*, ctx) -> dict:
+    """This process's `_compute` for every centring, its losses averaged over the processes."""
+    result = {}
+    for centering in CENTERINGS:
+        out = _compute(ctx.rank, ctx.world_size, centering)
+        for key in ("dino0", "dino1", "ibot0", "ibot1"):
+            dist.all_reduce(out[key])  # the mean of per-rank losses is what DDP's gradient averaging optimises
+            out[key] /= ctx.world_size
+        result[centering] = out
+    return result
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_two_processes_match_one():
+    results = run_ddp(2, _distributed)
     for centering in CENTERINGS:
         single = _compute(0, 1, centering)
-        ranks = [torch.load(tmp_path / f"{centering}-rank{r}.pt") for r in range(2)]
+        ranks = [results[r][centering] for r in range(2)]
         # iBOT divides each rank's sum by its own image count, equal here (3 and 3), so the means agree too.
         for key in ("dino0", "dino1", "ibot0", "ibot1", "dino_center", "ibot_center"):
             for r in range(2):

@@ -1,10 +1,6 @@
-"""The DDP worker of the pretext-method tests (a module of its own so that spawned processes can import it)."""
+"""The steps of the pretext-method DDP test (a module of its own so that spawned processes can import it)."""
 
 from __future__ import annotations
-
-import os
-
-import torch
 
 # Methods and sizes compared between 1 and 2 processes (ViT backbones: no batch statistics in the network).
 DDP_METHODS = {
@@ -24,17 +20,6 @@ def run_steps(method: str, images: list, n_steps: int, ctx=None) -> dict:
     return {"values": values, "weights": {k: v.detach().clone() for k, v in engine.method.state_dict().items()}}
 
 
-def ddp_worker(rank: int, world_size: int, port: int, images: list, n_steps: int, out: str) -> None:
-    """One process of a gloo group: every method of `DDP_METHODS` for ``n_steps``; rank 0 saves the results."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from dinoflow.train.distributed import cleanup, init_distributed
-
-    ctx = init_distributed("cpu")
-    try:
-        results = {m: run_steps(m, images, n_steps, ctx) for m in DDP_METHODS}
-        if rank == 0:
-            torch.save(results, out)
-    finally:
-        cleanup()
+def run_all(images: list, n_steps: int, ctx=None) -> dict:
+    """`run_steps` of every method of `DDP_METHODS`, by method (one process, or one of ``run_ddp``'s with ctx)."""
+    return {m: run_steps(m, images, n_steps, ctx) for m in DDP_METHODS}

@@ -3,27 +3,20 @@ shuffled across processes and come back in their order, and its BatchNorm stays 
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
 from dinoflow.ssl.methods.base import StepContext, collate_views
 from dinoflow.ssl.methods.moco_v2 import shuffled_forward
 from dinoflow.train.engine import sync_batchnorm_targets
+from ddp_helpers import run_ddp
 from method_helpers import tiny_engine, tiny_images
-from shuffle_bn_helpers import shuffle_worker
+from shuffle_bn_helpers import shuffle_round_trips
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     return tiny_images(tmp_path_factory.mktemp("shuffle_bn"), n=8)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_one_process_shuffling_is_the_plain_key_encoder(images):
@@ -42,10 +35,8 @@ def test_one_process_shuffling_is_the_plain_key_encoder(images):
 
 
 @pytest.mark.slow  # two spawned processes import torch, timm and lightly (~25 s)
-def test_ddp_shuffle_round_trip_restores_order(tmp_path):
-    out = tmp_path / "shuffle.pt"
-    torch.multiprocessing.spawn(shuffle_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-    r = torch.load(out, weights_only=True)
+def test_ddp_shuffle_round_trip_restores_order():
+    r = run_ddp(2, shuffle_round_trips)[0]
     x = r["x"]                                              # (2 processes, 4 rows, 3)
     assert torch.equal(r["back"], x) and torch.equal(r["again"], x) and torch.equal(r["other"], x)
     seen = r["seen"]                                        # (3 calls, 2 processes, 4 rows, 3)

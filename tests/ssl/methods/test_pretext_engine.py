@@ -3,13 +3,12 @@ uninterrupted one, bit for bit."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
+from ddp_helpers import run_ddp
 from method_helpers import tiny_engine, tiny_images
-from pretext_ddp_helpers import DDP_METHODS, ddp_worker, run_steps
+from pretext_ddp_helpers import DDP_METHODS, run_all
 
 
 @pytest.fixture(scope="module")
@@ -17,24 +16,16 @@ def images(tmp_path_factory):
     return tiny_images(tmp_path_factory.mktemp("pretext_engine"), n=16)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process(tmp_path, images):
+def test_ddp_two_processes_match_one_process(images):
     """2 gloo processes x 4 images == 1 process x 8 images: logged losses, gradient norms, weights after 2 steps.
 
     Weights to 1e-5: the key part of a qkv bias gets a gradient that is zero up to rounding (softmax ignores a
     shift shared by all keys), and Adam scales that rounding noise (different for 4 + 4 and 8 images) up to
     ~2e-6 after two steps.
     """
-    one = {m: run_steps(m, images, 2) for m in DDP_METHODS}
-    out = tmp_path / "ddp.pt"
-    torch.multiprocessing.spawn(ddp_worker, args=(2, _free_port(), images, 2, str(out)), nprocs=2, join=True)
-    two = torch.load(out, weights_only=False)
+    one = run_all(images, 2)
+    two = run_ddp(2, run_all, images, 2)[0]
     for method in DDP_METHODS:
         assert len(two[method]["values"]) == 2
         for step, (v1, v2) in enumerate(zip(one[method]["values"], two[method]["values"])):

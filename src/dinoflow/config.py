@@ -56,7 +56,8 @@ def validate_params(params: dict[str, Any], source: str = "params") -> None:
 
 def validate_methods(params: dict[str, Any], source: str = "params") -> None:
     """What the static schema cannot check: every `models[].method` is `none` or a registered method, every
-    `methods.<name>` section fits that method's Config, and the lr-search choices are coherent."""
+    `methods.<name>` section fits that method's Config, the lr-search choices are coherent, and fine-tunes (models
+    with a method and init not random) keep `finetune.head_warmup_epochs` below `train.epochs`."""
     methods = {m.get("method") for m in params.get("models") or []} - {"none", None}
     sections = params.get("methods") or {}
     if not methods and not sections:
@@ -84,6 +85,14 @@ def validate_methods(params: dict[str, Any], source: str = "params") -> None:
             uses_lr_search(params, m["name"])
         except DinoflowError as exc:
             raise ConfigError(f"{source}: {exc}") from exc
+    # The training engine refuses this too, but only once a fine-tune starts (after ingest, preprocessing, ...).
+    filled = with_defaults(params)
+    warmup, epochs = filled["finetune"]["head_warmup_epochs"], (filled.get("train") or {}).get("epochs")
+    tuned = [m["name"] for m in params.get("models") or [] if m.get("init") != "random" and m.get("method") != "none"]
+    if tuned and epochs is not None and warmup >= epochs:
+        raise ConfigError(f"{source}: finetune.head_warmup_epochs ({warmup}) must be smaller than train.epochs "
+                          f"({epochs}), or the backbones of the fine-tunes {tuned} never train: lower "
+                          "finetune.head_warmup_epochs or raise train.epochs")
 
 
 def _schema() -> dict[str, Any]:

@@ -206,3 +206,35 @@ def test_linear_probe_separates_classes_that_differ_by_a_small_direction():
     x = np.ones((n, d)) * 5.0 + signal + rng.normal(0, 0.002, size=(n, d))
     s = linear_scores(x[:300], y[:300], x[300:], 4, 1000, 0)
     assert topk_accuracy(s, y[300:], 1) > 0.95
+
+
+def test_main_names_classes_without_test_images(tmp_path, monkeypatch, caplog):
+    """A class whose images all lie in one near-duplicate group stays in train (grouped_split): probes.json lists
+    it and a warning says so, instead of a silent empty row of the confusion matrix (a curator's 30 striped
+    images that phash put in one group)."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(3)
+    labels = np.array(["a"] * 24 + ["b"] * 24 + ["c"] * 10)
+    groups = [f"g{i}" for i in range(48)] + ["c_all"] * 10  # class c: one group of 10
+    x = np.eye(3)[np.unique(labels, return_inverse=True)[1]] * 3 + rng.normal(size=(len(labels), 3))
+    ids = [f"im{i}" for i in range(len(labels))]
+    write_vectors(paths.embeddings("m"), ids, {"cls": x, "patch_mean": x}, {"model": "m", "stand_in": False})
+    Path(paths.MANIFEST).parent.mkdir(parents=True)
+    pd.DataFrame({"id": ids, "status": "ok", "shape": labels}).to_parquet(paths.MANIFEST)
+    pd.DataFrame({"id": ids, "group": groups}).to_parquet(paths.GROUPS)
+    params = {"seed": 0, "collection": {"label_columns": ["shape"]},
+              "probes": {"test_fraction": 0.3, "knn_k": 5, "knn_temperature": 0.07, "linear_max_iter": 500,
+                         "linear_c_grid": [0.1, 1.0], "cv_folds": 3}}
+    with caplog.at_level("WARNING", logger="dinoflow"):
+        probes.main(params, model="m")
+    entry = read_json(paths.probe_metrics("m"))["columns"]["shape"]
+    assert entry["classes_without_test_images"] == ["c"]
+    assert np.array(entry["knn"]["confusion"])[2].sum() == 0  # the independent fact: no c in the test split
+    assert "m / shape: class(es) ['c'] have no test image" in caplog.text
+    # every class split across groups: the list is empty and nothing is said
+    pd.DataFrame({"id": ids, "group": [f"g{i}" for i in range(len(ids))]}).to_parquet(paths.GROUPS)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dinoflow"):
+        probes.main(params, model="m")
+    assert read_json(paths.probe_metrics("m"))["columns"]["shape"]["classes_without_test_images"] == []
+    assert "no test image" not in caplog.text

@@ -628,3 +628,18 @@ def test_collection_counts_rows_per_status_and_points_to_the_docs(report):
     block = page.split('<section id="collection">')[1].split("</section>")[0]
     assert "<code>ok</code> 24, <code>missing_file</code> 1." in block
     assert "<code>docs/ingest.md</code>" in block
+
+
+def test_probes_section_names_classes_without_test_images(tmp_path):
+    """probes.json's classes_without_test_images becomes a sentence under the label's table; none: no sentence."""
+    def entry(untested):
+        return {"classes": ["a", "b", "c"], "n_test": 20, "n_test_groups": 20, "chance_top1": 0.5,
+                "classes_without_test_images": untested,
+                "knn": {"top1": 0.9, "top5": 1.0, "confusion": [[10, 0, 0], [1, 9, 0], [0, 0, 0]]},
+                "linear": {"top1": 0.8, "top5": 1.0, "confusion": [[9, 1, 0], [1, 9, 0], [0, 0, 0]]}}
+    sections = report_html.probes_section({"m1": {"shape": entry(["c"])}, "m2": {"shape": entry(["c"])}},
+                                          tmp_path, None)
+    assert sections[0]["untested"].startswith("class(es) c of shape have no test image")
+    assert paths.GROUPS in sections[0]["untested"]
+    sections = report_html.probes_section({"m1": {"shape": entry([])}}, tmp_path, None)
+    assert "untested" not in sections[0]

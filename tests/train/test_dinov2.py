@@ -362,3 +362,19 @@ def test_another_method_through_the_train_stage_writes_contract_2(env):
     params["train"]["evaluate_network"] = "teacher"
     with pytest.raises(DinoflowError, match="evaluate_network: teacher, but method 'simclr' has no teacher"):
         _train(params, images, "sim")
+
+
+def test_head_warmup_not_below_epochs_is_a_config_error_at_load(env):
+    """A newcomer lowering train.epochs to 1 (README: "lower train.epochs ... to fit") with the default
+    finetune.head_warmup_epochs 1 learns it when the parameters are read, not after ingest and preprocessing."""
+    params, _ = env
+    params["train"]["epochs"] = 1
+    params["finetune"]["head_warmup_epochs"] = 1
+    with pytest.raises(ConfigError, match=r"finetune.head_warmup_epochs \(1\) must be smaller than train.epochs "
+                                          r"\(1\), or the backbones of the fine-tunes \['ft_last1'"):
+        validate_params(params)
+    params["finetune"]["head_warmup_epochs"] = 0
+    validate_params(params)
+    params["finetune"]["head_warmup_epochs"] = 1
+    params["models"] = [m for m in params["models"] if m["init"] == "random" or m["method"] == "none"]
+    validate_params(params)  # no fine-tune: nothing to check

@@ -223,7 +223,8 @@ def probe_column(x: np.ndarray, labels: np.ndarray, groups: np.ndarray, cfg: dic
     """kNN and linear probe results for one label column.
 
     x: (N, D) embeddings, labels / groups: (N,) str (rows without a label removed by the caller).
-    Returns (the column's JSON entry, per test item arrays: "index" (row of x) and ITEM_COLUMNS).
+    Returns (the column's JSON entry, per test item arrays: "index" (row of x) and ITEM_COLUMNS). The entry's
+    "classes_without_test_images" lists the classes `grouped_split` kept wholly in train.
     """
     classes, y = np.unique(labels, return_inverse=True)
     y = y.reshape(-1)
@@ -232,7 +233,11 @@ def probe_column(x: np.ndarray, labels: np.ndarray, groups: np.ndarray, cfg: dic
     feats = similarity_features(x)
     out: dict[str, Any] = {"classes": classes.tolist(), "n_classes": n_classes, "n_train": int(train.size),
                            "n_test": int(test.size), "n_test_groups": int(len(np.unique(groups[test]))),
-                           "chance_top1": float(np.bincount(y[test]).max() / test.size)}
+                           "chance_top1": float(np.bincount(y[test]).max() / test.size),
+                           # classes grouped_split kept wholly in train (held by one near-duplicate group):
+                           # the test scores say nothing about them
+                           "classes_without_test_images": classes[np.bincount(y[test], minlength=n_classes) == 0]
+                           .tolist()}
     c, cv = choose_c(x[train], y[train], groups[train], n_classes, list(cfg["linear_c_grid"]),
                      int(cfg["cv_folds"]), int(cfg["linear_max_iter"]), seed)
     items: dict[str, np.ndarray] = {"index": test}
@@ -310,6 +315,10 @@ def main(params: dict[str, Any], model: str) -> dict[str, Any]:
                  "images in %d groups)", model, column, res["knn"]["top1"], res["knn"]["top5"], res["linear"]["C"],
                  res["linear"]["top1"], res["linear"]["top5"], res["n_classes"], res["n_test"],
                  res["n_test_groups"])
+        if res["classes_without_test_images"]:
+            log.warning("%s / %s: class(es) %s have no test image (each lies in a single near-duplicate group of %s, "
+                        "kept in train): the probe scores say nothing about them", model, column,
+                        res["classes_without_test_images"], paths.GROUPS)
         few = small_sample_note(res["n_test"], res["n_test_groups"])
         if few:
             log.warning("%s / %s: probe test split: %s", model, column, few)

@@ -636,6 +636,12 @@ def probes_section(probes: Mapping[str, Mapping[str, dict]], fig_dir: Path,
                              {"text": fmt(e.get("n_test")), "best": False, "few": few}]
         entry: dict[str, Any] = {"label": label, "columns": [f"{clf} {s[:3]}-{s[3:]}" for clf, s in columns]
                                  + ["chance top-1", "test images"], "rows": rows}
+        untested = sorted({str(c) for m in models
+                           for c in probes[m][label].get("classes_without_test_images") or []})
+        if untested:
+            entry["untested"] = (f"class(es) {', '.join(untested)} of {label} have no test image: each lies in a single "
+                                 f"near-duplicate group ({paths.GROUPS}), which stays in train, so these scores say "
+                                 "nothing about them")
         if rank_col is not None and any(is_number(values[m][rank_col]) for m in models):
             clf_name = columns[rank_col][0]
             named = ((compare or {}).get("metrics") or {}).get(f"{clf_name}_top1/{label}")

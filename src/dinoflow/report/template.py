@@ -235,6 +235,7 @@ values have none). Mantel p: permutation p-value.</p>
 <table><tr><th>model</th>{% for c in p.columns %}<th>{{ c }}</th>{% endfor %}</tr>
 {% for row in p.rows %}<tr><td>{{ row.model }}</td>{% for cell in row.cells %}<td class="num{% if cell.best %} best{% endif %}">{{ cell.text }}{{ few(cell.few) }}</td>{% endfor %}</tr>{% endfor %}
 </table>
+{% if p.untested %}<p class="few">{{ p.untested }}</p>{% endif %}
 {% if p.confusion %}<p>Confusion matrix of <b>{{ p.best_model }}</b> ({{ p.best_by }}):</p>
 <img src="{{ p.confusion }}" alt="confusion matrix of {{ p.best_model }} on {{ p.label }}">
 {% elif p.confusion_reason %}{{ notrun(p.confusion_reason) }}{% endif %}

@@ -232,6 +232,10 @@ def test_compare_main_end_to_end(tmp_path, monkeypatch, caplog):
     stored = json.loads(Path(paths.probe_metrics("random")).read_text())["columns"]["kind"]["knn"]["top1"]
     assert knn["per_model"]["random"]["value"] == pytest.approx(stored)
     assert knn["per_model"]["random"]["n_items"] == stored_n(paths.probe_metrics("random"))
+    top5 = metrics["knn_top5/kind"]  # 3 classes: top-5 is 1 by construction, so undefined for every model
+    assert top5["best"] is None and top5["pairs"] == [] and top5["verdict"].startswith("undefined for every model")
+    assert all(v["value"] is None and "by construction with 3 classes" in v["reason"]
+               for v in top5["per_model"].values())
     kw = metrics["spearman/keywords"]
     assert kw["best"] is None and all(v["value"] is None for v in kw["per_model"].values())
     assert "keyword descriptors are identical" in kw["verdict"] and kw["pairs"] == []

@@ -388,7 +388,7 @@ def main(params: dict[str, Any], **_: Any) -> dict[str, Any]:
         if entry is None:
             return None, f"no probe results for label column {column!r}"
         clf, k = prefix.split("_")
-        return entry[clf][k], None
+        return entry[clf][k], entry[clf][f"{k}_reason"]
 
     metrics.update(item_metrics(models, {m: _read_items(paths.probe_items(m), "column") for m in models},
                                 "column", {c: c for c in ITEM_COLUMNS}, probe_value, cfg, seed))

@@ -529,7 +529,7 @@ def test_summary_comes_first_and_names_only_a_separable_winner(report):
 
 def test_summary_inseparable_pair():
     """The leader and a model whose difference's interval straddles 0 are reported as inseparable, with that
-    interval; a model both are separated from is not listed."""
+    interval; a model both are separably ahead of is named as behind them (what the data do say)."""
     models = ["low", "b", "a"]
     values = {"low": 0.2, "b": 0.58, "a": 0.61}
     pairs = []
@@ -547,7 +547,14 @@ def test_summary_inseparable_pair():
     d = 0.61 - 0.58  # a − b, flipped from the stored pair b − a
     assert line["best"] is None and line["few"] is None
     assert line["text"] == (f"the data cannot separate a, b: a − b = {d:.3f} [{d - 0.05:.3f}, {d + 0.05:.3f}], "
-                            "an interval that does not exclude 0")
+                            "an interval that does not exclude 0; each of them is separably ahead of low")
+    for p in metric["pairs"]:  # b no longer separably ahead of low: low is not named as behind them both
+        if {p["a"], p["b"]} == {"low", "b"}:
+            p["ci95"], p["separable"] = [p["diff"] - 0.5, p["diff"] + 0.5], False
+    assert report_html.metric_summary("knn_top1/x", metric, models)["text"].endswith("does not exclude 0")
+    for p in metric["pairs"]:
+        if {p["a"], p["b"]} == {"low", "b"}:
+            p["ci95"], p["separable"] = [p["diff"] - 0.01, p["diff"] + 0.01], True
     metric["higher_is_better"] = False  # now `low` leads, separated from both: compare.json would name it
     metric["best"] = "low"
     line = report_html.metric_summary("knn_top1/x", metric, models)

@@ -323,7 +323,7 @@ def _lead(metric: Mapping[str, Any], leader: str, other: str) -> tuple[float, li
 def metric_summary(name: str, metric: Mapping[str, Any], models: Sequence[str]) -> dict[str, Any]:
     """One line of the summary: the best model where compare.json names one (with its lead over the runner-up),
     else the models the data cannot separate (with the leader's difference to the closest of them and its
-    interval), plus the metric's small-sample note. Only compare.json's values, pairs and `best` are used."""
+    interval) and the models all of them are separably ahead of, plus the metric's small-sample note. Only compare.json's values, pairs and `best` are used."""
     per = metric["per_model"]
     sign = 1.0 if metric["higher_is_better"] else -1.0
     have = sorted((m for m in models if per[m]["value"] is not None), key=lambda m: -sign * per[m]["value"])
@@ -354,6 +354,11 @@ def metric_summary(name: str, metric: Mapping[str, Any], models: Sequence[str]) 
                    "value (the point values and the resamples disagree)")
         line["text"] = (f"the data cannot separate {', '.join([leader] + tied)}: {leader} − {tied[0]} = "
                         f"{interval_text(diff, ci)}, {why}")
+        # what the data do say: the models every one of the leading group is separably ahead of
+        behind = [m for m in have if m != leader and m not in tied
+                  and all(_lead(metric, g, m)[2] for g in [leader] + tied)]
+        if behind:
+            line["text"] += f"; each of them is separably ahead of {', '.join(behind)}"
     if undefined:
         line["text"] += f" ({', '.join(undefined)}: undefined)"
     return line

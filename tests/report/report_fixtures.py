@@ -271,7 +271,10 @@ def build_workspace(root: Path) -> dict:
                       "state": ["COMPLETE", "COMPLETE", "PRUNED"], "duration": [1.5, 1.4, 0.3]}
                      ).to_csv(paths.LR_SEARCH_TRIALS, index=False)
         write_json(paths.LR_SEARCH_BEST, {"lr": 1e-3, "objective": 3.7, "trial": 1, "n_trials": 3,
-                                          "lr_units": "per 256 images"})
+                                          "lr_units": "per 256 images", "n_indistinguishable": 1,
+                                          "note": "1 other trial(s) (lr 0.0001) score inside the best trial's "
+                                                  "95% interval [3.2000, 4.2000]: the criterion cannot tell these "
+                                                  "learning rates apart; the best point value is used"})
         write_json(paths.COMPARE_METRICS, compare_values(model_names(params), classes))
         write_json(paths.GROUPS_SUMMARY, GROUPS_SUMMARY)
         counts = {"n_ok_images": 24, "n_with_text": 20, "n_without_text": 4, "dim": 384}

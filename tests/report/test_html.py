@@ -302,6 +302,7 @@ def test_collection_models_and_probes_sections(report):
     assert "not run" not in page.split('id="grids"')[1]  # grids and attention present
     assert ws.joinpath("reports/figures/report/lr_search_trials.png").exists()
     assert "<code>lr = 0.0010</code>" in page and "<code>objective = 3.7000</code>" in page
+    assert "the criterion cannot tell these learning rates apart" in page  # best.json's note on close trials
 
 
 @pytest.mark.slow

@@ -82,6 +82,14 @@ def test_lr_search_writes_files_and_best_lr_in_range(tmp_path, monkeypatch):
     lo, hi = saved["objective_ci95"]
     assert 0 <= lo <= hi <= 1
     assert Path(paths.LR_SEARCH_PLOT).stat().st_size > 1000
+    # trials scoring inside the best one's interval are counted and named in the note (known answer from the table)
+    others = complete[complete["number"] != saved["trial"]]
+    inside = others[(others["value"] >= lo) & (others["value"] <= hi)]
+    assert saved["n_indistinguishable"] == len(inside)
+    assert (saved["note"] is None) == inside.empty
+    if not inside.empty:
+        assert "cannot tell these learning rates apart" in saved["note"]
+        assert all(f"{v:.3g}" in saved["note"] for v in inside["lr"])
     # seeded: the same search proposes the same learning rates and measures the same values
     first = trials[["lr", "value"]].to_numpy()
     lr_search.search(params, images, groups, labels, "shape")

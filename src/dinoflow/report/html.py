@@ -535,10 +535,13 @@ def lr_search_section(params: dict[str, Any], fig_dir: Path, max_rows: int = 50)
                      "alt": "loss against learning rate per trial"})
     rows = [[fmt(v, 4) if is_number(v) else ("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
              for v in rec] for rec in trials.head(max_rows).itertuples(index=False)]
-    best = []
+    best, note = [], None
     if Path(paths.LR_SEARCH_BEST).exists():
-        best = [(k, fmt(v, 4)) for k, v in sorted(flatten(read_json(paths.LR_SEARCH_BEST)).items())]
-    return {"ok": True, "imgs": imgs, "columns": [str(c) for c in trials.columns], "rows": rows, "best": best}
+        saved = read_json(paths.LR_SEARCH_BEST)
+        best = [(k, fmt(v, 4)) for k, v in sorted(flatten(saved).items())]
+        note = saved.get("note")  # trials the criterion cannot tell apart (absent in files before the note)
+    return {"ok": True, "imgs": imgs, "columns": [str(c) for c in trials.columns], "rows": rows, "best": best,
+            "note": note}
 
 
 # ------------------------------------------------------------------------------------------------ alignment

@@ -180,6 +180,7 @@ What each status means and what to do about it: <code>docs/ingest.md</code> in t
 <h3>Learning-rate search</h3>
 {% if lr_search.ok %}
 {% if lr_search.best %}<p>best: {% for k, v in lr_search.best %}<code>{{ k }} = {{ v }}</code> {% endfor %}</p>{% endif %}
+{% if lr_search.note %}<p class="few">{{ lr_search.note }}</p>{% endif %}
 {% for img in lr_search.imgs %}<img src="{{ img.src }}" alt="{{ img.alt }}">{% endfor %}
 {% if lr_search.columns %}<table><tr>{% for c in lr_search.columns %}<th>{{ c }}</th>{% endfor %}</tr>
 {% for row in lr_search.rows %}<tr>{% for v in row %}<td class="num">{{ v }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}

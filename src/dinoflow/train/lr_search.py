@@ -327,6 +327,17 @@ def search(params: dict[str, Any], images: Any, groups: np.ndarray, labels: np.n
                 higher_is_better=True, trial=int(best_trial.number), n_trials=len(study.trials),
                 n_heldout=int(len(split.heldout)), n_train=int(len(split.train)),
                 lr_units="per 256 images (scaled by train.batch_size / 256 in training)")
+    # trials whose criterion lies inside the best trial's 95% interval: the held-out slice cannot tell them apart
+    lo, hi = best["objective_ci95"]
+    close = [tr for tr in complete if tr.number != best_trial.number and lo <= float(tr.value) <= hi]
+    best["n_indistinguishable"] = len(close)
+    close_lrs = ", ".join(format(float(tr.params["lr"]), ".3g") for tr in close)
+    best["note"] = None if not close else (
+        f"{len(close)} other trial(s) (lr {close_lrs}) score inside the "
+        f"best trial's 95% interval [{lo:.4f}, {hi:.4f}]: the criterion cannot tell these learning rates apart; "
+        "the best point value is used")
+    if close:
+        log.warning("lr search: %s", best["note"])
     write_json(paths.LR_SEARCH_BEST, best)
     table = study.trials_dataframe(attrs=("number", "value", "params", "state", "duration", "user_attrs"))
     table["duration"] = table["duration"].dt.total_seconds()

@@ -651,3 +651,17 @@ def test_probes_section_names_classes_without_test_images(tmp_path):
     assert paths.GROUPS in sections[0]["untested"]
     sections = report_html.probes_section({"m1": {"shape": entry([])}}, tmp_path, None)
     assert "untested" not in sections[0]
+
+
+def test_a_trained_model_that_barely_moved_gets_a_badge():
+    """drift (info.json: median per-image cosine to the initial embeddings) >= UNMOVED_DRIFT: 'barely moved';
+    below it, or without drift (untrained baselines), no badge."""
+    def info(median):
+        return {"collapse": {"verdict": "healthy", "reason": "no collapse sign"},
+                "drift": None if median is None else {"median_cosine": median, "ci95": [median, median]}}
+
+    assert [b["text"] for b in report_html.model_badges(info(0.9995), None)] == ["barely moved"]
+    assert "0.9995" in report_html.model_badges(info(0.9995), None)[0]["title"]
+    assert report_html.model_badges(info(report_html.UNMOVED_DRIFT - 1e-4), None) == []
+    assert report_html.model_badges(info(None), None) == []
+    assert report_html.model_badges(None, None) == []

@@ -243,12 +243,23 @@ def interval_text(value: Any, ci: Any) -> str:
     return fmt(value)
 
 
+# A trained model whose median per-image cosine to its initial embeddings is at least this barely moved: its
+# numbers are its initialisation's (e.g. too few steps, a too small lr, an EMA teacher that has not followed).
+UNMOVED_DRIFT = 0.999
+
+
 def model_badges(info: Mapping[str, Any] | None, health: Mapping[str, Any] | None) -> list[dict[str, str]]:
-    """Red badges of a model wherever it is named in a table: collapsed training, degenerate embeddings."""
+    """Red badges of a model wherever it is named in a table: collapsed training, degenerate embeddings, a trained
+    model that barely moved from its initial weights (drift >= `UNMOVED_DRIFT`)."""
     badges = []
     collapse = (info or {}).get("collapse")
     if collapse and collapse["verdict"] != "healthy":
         badges.append({"text": COLLAPSE_LABELS[collapse["verdict"]], "title": str(collapse["reason"])})
+    drift = (info or {}).get("drift")
+    if drift and is_number(drift.get("median_cosine")) and drift["median_cosine"] >= UNMOVED_DRIFT:
+        badges.append({"text": "barely moved",
+                       "title": f"median per-image cosine to its initial embeddings {drift['median_cosine']:.4f} "
+                                f"(>= {UNMOVED_DRIFT}): its numbers are those of its initial weights"})
     if health and health["degenerate"]:
         badges.append({"text": "degenerate embeddings", "title": str(health["reason"])})
     return badges

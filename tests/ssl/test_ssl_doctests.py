@@ -1,4 +1,4 @@
-"""The docstring examples of the SSL blocks and schedules run and print what they claim."""
+"""The docstring examples of the SSL blocks, pretext-task blocks and schedules run and print what they claim."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ MODULES = [
     "dinoflow.ssl.masking",
     "dinoflow.ssl.augment",
     "dinoflow.train.schedules",
+    *(f"dinoflow.ssl.pretext.{m}" for m in ("common", "rotation", "relative_position", "jigsaw", "context_encoder",
+                                            "mae")),
 ]
 
 

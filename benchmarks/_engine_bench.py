@@ -57,6 +57,19 @@ def time_alternating(sides: dict[str, Callable[[], object]], steps: int,
     return times
 
 
+def finish_step(loss: torch.Tensor, params: list[torch.Tensor], opt: torch.optim.Optimizer, clip: float | None,
+                before_clip: Callable[[], None] | None = None) -> float:
+    """backward, optional gradient hook, clipping, optimizer step, zero_grad: the tail of every baseline step."""
+    loss.backward()
+    if before_clip is not None:
+        before_clip()
+    if clip:
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
 def random_images(n: int, size: int = 128, seed: int = 0) -> list:
     g = torch.Generator().manual_seed(seed)
     return [Image.fromarray(torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=g).numpy())

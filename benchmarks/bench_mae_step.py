@@ -90,6 +90,7 @@ def lightly_step(params: dict, batch, cfg, device: torch.device):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4 * images.shape[0] / 256, weight_decay=0.05)  # as the engine
     seq_len = n_patches + enc.num_prefix_tokens
     clip = params["train"]["clip_grad"]
+    from _engine_bench import finish_step
 
     def step():
         b = images.shape[0]
@@ -101,11 +102,7 @@ def lightly_step(params: dict, batch, cfg, device: torch.device):
         pred = decoder.predict(utils.get_at_index(decoder.decode(full), idx_mask))
         target = utils.get_at_index(utils.patchify(images, patch), idx_mask - enc.num_prefix_tokens)
         loss = torch.nn.functional.mse_loss(pred, utils.normalize_mean_var(target))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return finish_step(loss, list(model.parameters()), opt, clip)
 
     return step
 

@@ -54,6 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # _engine_bench, also when loaded from a file path (tests)
+
+from _engine_bench import finish_step  # noqa: E402
 
 # Backbones: a small timm ViT (the demo's ViT-S/14 at ViT-Tiny width, params.yaml `backbone`) and a small timm CNN
 # (ResNet-18, the backbone of lightly's examples). Quick mode: the same architectures, shallower and smaller.
@@ -155,19 +158,6 @@ def adamw(modules: list[nn.Module], cfg) -> torch.optim.Optimizer:
     no_decay = [p for p in no_decay if p.requires_grad]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr * cfg.batch_size / 256)
-
-
-def finish_step(loss: torch.Tensor, params: list[torch.Tensor], opt: torch.optim.Optimizer, clip: float | None,
-                before_clip: Callable[[], None] | None = None) -> float:
-    """backward, optional gradient hook, clipping, optimizer step, zero_grad: the tail of every baseline step."""
-    loss.backward()
-    if before_clip is not None:
-        before_clip()
-    if clip:
-        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
 
 
 def cosine_momentum(step: int, total: int, start: float, end: float) -> float:

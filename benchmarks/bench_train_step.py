@@ -65,6 +65,7 @@ def lightly_step(params: dict, batch, device: torch.device):
     g = torch.cat(batch.views[:2]).to(device)
     n_local = len(batch.views) - 2
     local = torch.cat(batch.views[2:]).to(device) if n_local else None
+    from _engine_bench import finish_step
 
     def step():
         update_momentum(student, teacher, m=t["momentum"])
@@ -74,12 +75,8 @@ def lightly_step(params: dict, batch, device: torch.device):
         if local is not None:
             s_out += list(student["head"](student["backbone"](local)).chunk(n_local))
         loss = criterion(list(t_out), s_out, epoch=0)
-        loss.backward()
-        student["head"].cancel_last_layer_gradients(current_epoch=0)
-        torch.nn.utils.clip_grad_norm_(student.parameters(), t["clip_grad"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return finish_step(loss, list(student.parameters()), opt, t["clip_grad"],
+                           before_clip=lambda: student["head"].cancel_last_layer_gradients(current_epoch=0))
 
     return step
 

@@ -247,7 +247,7 @@ def probe_column(x: np.ndarray, labels: np.ndarray, groups: np.ndarray, cfg: dic
                            float(cfg["knn_temperature"]))),
         ("linear", linear_scores(x[train], y[train], x[test], n_classes, int(cfg["linear_max_iter"]), seed, c)),
     ):
-        hit1, hit5 = expected_topk_hit(scores, y[test], 1), expected_topk_hit(scores, y[test], 5)
+        hit1, hit5 = expected_topk_hit(scores, y[test], 1), expected_topk_hit(scores, y[test], TOP_K)
         items[f"{name}_top1"], items[f"{name}_top5"] = hit1, hit5
         pred = np.argmax(scores, axis=1)
         out[name] = {"top1": float(hit1.mean()), "top1_reason": None,
